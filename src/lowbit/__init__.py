@@ -1,0 +1,36 @@
+"""lowbit: quantize neural networks, save self-describing checkpoints, run them fast.
+
+    import lowbit
+    model, tok = lowbit.load_pretrained("default")          # SmolLM2-135M-Instruct
+    report = lowbit.quantize(model, lowbit.Recipe.uniform(lowbit.QuantScheme(bits=4, group_size=64)))
+    lowbit.save(model, "smollm2-w4.lowbit.safetensors")
+    model = lowbit.load("smollm2-w4.lowbit.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from lowbit.errors import (  # noqa: E402
+    CheckpointError,
+    DataError,
+    FormatError,
+    KernelError,
+    LowbitError,
+    ModelSourceError,
+    PackingError,
+    SchemeError,
+    UnsupportedModelError,
+)
+from lowbit.scheme import Granularity, QuantScheme, Recipe, Rule  # noqa: E402
+
+
+_API = ("quantize", "save", "load", "load_pretrained", "use_kernel", "QuantLinear")
+
+
+def __getattr__(name):
+    # The API pulls in torch/transformers; import it lazily so that
+    # `import lowbit` for the scheme vocabulary stays cheap.
+    if name in _API:
+        from lowbit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

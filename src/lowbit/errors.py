@@ -1,0 +1,40 @@
+"""Typed exceptions. Every message says what is wrong *and* how to fix it.
+
+Imports nothing from lowbit.
+"""
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on purpose."""
+
+
+class SchemeError(LowbitError, ValueError):
+    """A quantization scheme or recipe is invalid, or does not fit a layer."""
+
+
+class FormatError(LowbitError, ValueError):
+    """Input that a numeric format cannot represent (NaN/Inf, overflow of the scale dtype...)."""
+
+
+class PackingError(LowbitError, ValueError):
+    """Codes that do not fit a bit layout, or packed data of the wrong size."""
+
+
+class KernelError(LowbitError, RuntimeError):
+    """A requested kernel cannot run this layer (format, shape or device)."""
+
+
+class UnsupportedModelError(LowbitError, TypeError):
+    """A model lowbit does not know how to handle."""
+
+
+class ModelSourceError(LowbitError, FileNotFoundError):
+    """A model source (directory, GGUF file, package) that cannot be found or read."""
+
+
+class DataError(LowbitError, ValueError):
+    """Evaluation or calibration data that is missing, empty or too short."""
+
+
+class CheckpointError(LowbitError, ValueError):
+    """A lowbit checkpoint that is truncated, malformed, or does not match its manifest."""

@@ -1,0 +1,153 @@
+"""Reference numerics of the integer formats, in plain torch (CPU-safe).
+
+Pure functions of (weight, scheme). Weights are 2-D ``[out, in]``; the
+granularity reshapes them to ``[rows, n_groups, group]``:
+
+=========  ==========================  =====================
+granular.  view of W                   scale / zero shape
+=========  ==========================  =====================
+tensor     ``[1, 1, out*in]``          ``[1, 1]``
+channel    ``[out, 1, in]``            ``[out, 1]``
+group      ``[out, in/G, G]``          ``[out, in/G]``
+=========  ==========================  =====================
+
+Codes are unsigned ``uint8`` in ``[0, 2**bits - 1]``; ``w = (q - z) * s``.
+The scale is rounded to the scheme's ``scale_dtype`` *before* the codes are
+chosen, so that ``dequantize(quantize(w))`` is exactly what a saved checkpoint
+reproduces (``fake_quantize`` is literally that composition).
+Rounding is ``torch.round`` (half to even).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowbit.errors import FormatError, SchemeError
+from lowbit.scheme import Granularity, QuantScheme
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def scale_torch_dtype(scheme: QuantScheme) -> torch.dtype:
+    return _DTYPES[scheme.scale_dtype]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """``scale`` in the scheme's scale dtype; ``zero`` uint8 (None when symmetric)."""
+
+    scale: torch.Tensor
+    zero: Optional[torch.Tensor]
+
+
+def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    if w.dim() != 2:
+        raise SchemeError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if scheme.granularity is Granularity.TENSOR:
+        return w.reshape(1, 1, out_f * in_f)
+    if scheme.granularity is Granularity.CHANNEL:
+        return w.reshape(out_f, 1, in_f)
+    scheme.check_layer("<tensor>", in_f)
+    return w.reshape(out_f, in_f // scheme.group_size, scheme.group_size)
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise FormatError(
+            f"weights contain {bad} NaN/Inf value(s); quantization needs finite weights "
+            "(fix the model or the checkpoint it came from before quantizing)"
+        )
+
+
+def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
+    """Scale (and zero point when affine) for every group of ``w``."""
+    _check_finite(w)
+    g = _grouped(w.detach().to(torch.float32), scheme)
+    sdtype = scale_torch_dtype(scheme)
+    qmax = scheme.qmax
+    if scheme.symmetric:
+        amax = g.abs().amax(dim=-1)
+        scale = amax / (qmax / 2)
+    else:
+        lo = g.amin(dim=-1).clamp(max=0.0)  # the grid must hold 0 exactly
+        hi = g.amax(dim=-1).clamp(min=0.0)
+        scale = hi / qmax - lo / qmax  # no overflow for |w| near float32 max
+    scale_q = scale.to(sdtype)
+    if bool(torch.isinf(scale_q).any()):
+        raise FormatError(
+            f"weights of magnitude up to {float(g.abs().max()):.3g} overflow {scheme.scale_dtype} scales; "
+            "use scale_dtype='float32' (or 'bfloat16') for this layer"
+        )
+    tiny = torch.finfo(sdtype).tiny
+    # all-zero groups get scale 1 (codes = zero point, dequantize to exact 0);
+    # scales that underflowed the scale dtype are raised to its smallest normal.
+    scale_q = torch.where(scale == 0, torch.ones_like(scale_q), scale_q)
+    scale_q = torch.where((scale_q.float() < tiny) & (scale != 0), torch.full_like(scale_q, tiny), scale_q)
+    if scheme.symmetric:
+        return QParams(scale=scale_q, zero=None)
+    zero = torch.round(-lo / scale_q.float()).clamp(0, qmax).to(torch.uint8)
+    return QParams(scale=scale_q, zero=zero)
+
+
+def _zero_f32(qp: QParams, scheme: QuantScheme) -> torch.Tensor:
+    if qp.zero is None:
+        return torch.full_like(qp.scale, scheme.zero_code, dtype=torch.float32)
+    return qp.zero.to(torch.float32)
+
+
+def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme) -> torch.Tensor:
+    """Integer codes (uint8, same shape as ``w``) for the given qparams."""
+    _check_finite(w)
+    g = _grouped(w.detach().to(torch.float32), scheme)
+    s = qp.scale.float().unsqueeze(-1)
+    z = _zero_f32(qp, scheme).unsqueeze(-1)
+    q = torch.round(g / s) + z
+    return q.clamp_(0, scheme.qmax).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize(
+    codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(q - z) * s`` computed in float32, then cast to ``dtype``."""
+    g = _grouped(codes, scheme).to(torch.float32)
+    s = qp.scale.float().unsqueeze(-1)
+    z = _zero_f32(qp, scheme).unsqueeze(-1)
+    return ((g - z) * s).reshape(codes.shape).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest: qparams from the weight's own range, then codes."""
+    qp = choose_qparams(w, scheme)
+    return quantize(w, qp, scheme), qp
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scheme):  # noqa: D401
+        codes, qp = quantize_weight(w, scheme)
+        return dequantize(codes, qp, scheme, dtype=w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize then dequantize, in ``w``'s dtype, with a straight-through
+    gradient (d out / d w = identity): the base of QAT."""
+    return _StraightThrough.apply(w, scheme)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    if float(noise) == 0.0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

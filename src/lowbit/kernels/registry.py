@@ -1,0 +1,182 @@
+"""Which kernel runs a ``QuantLinear``: chosen explicitly, never by a global switch.
+
+A layer's kernel is, in order of precedence:
+
+1. the name set by the ``use_kernel(...)`` context manager (a ``ContextVar``,
+   so it is scoped to the ``with`` block and to the current thread/task);
+2. the ``kernel=`` argument the layer was built with;
+3. ``"auto"``: the fastest registered kernel that supports the layer's format,
+   shape and device, else ``"reference"``.
+
+Asking for a kernel by name that cannot run a layer raises ``KernelError``
+(no silent fallback); only ``"auto"`` falls back.
+
+Every fast kernel has the reference kernel (dequantize, then ``F.linear``) as
+its twin; ``tests/test_kernels_registry.py`` pins each pair together on real
+``QuantLinear`` layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import KernelError
+from lowbit.scheme import Granularity
+
+_ACTIVE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lowbit_kernel", default=None)
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Run every ``QuantLinear`` inside the block with kernel ``name`` (or "auto")."""
+    if name != "auto" and name not in KERNELS:
+        raise KernelError(f"unknown kernel {name!r}; choose one of {kernel_names()} or 'auto'")
+    token = _ACTIVE.set(name)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_kernel_override() -> Optional[str]:
+    return _ACTIVE.get()
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``supports(layer) -> (ok, reason)``; ``prepare(layer) -> state`` (cached on the
+    layer, may be None); ``run(layer, state, x) -> y``."""
+
+    name: str
+    supports: Callable[[Any], tuple[bool, str]]
+    prepare: Callable[[Any], Any]
+    run: Callable[[Any, Any, torch.Tensor], torch.Tensor]
+    priority: int  # higher wins under "auto"
+
+
+# -- reference ---------------------------------------------------------------
+def _ref_supports(layer) -> tuple[bool, str]:
+    return True, ""
+
+
+def _ref_run(layer, state, x: torch.Tensor) -> torch.Tensor:
+    w = layer.quantized_tensor().dequantize(torch.float32).to(x.dtype)
+    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+# -- CPU int4 (torch.ops.aten._weight_int4pack_mm_for_cpu) -------------------
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+def _kernel_group(layer) -> Optional[int]:
+    """A group size the int4 op accepts that tiles the scheme's groups exactly
+    (channel / tensor scales are repeated across sub-groups: exact)."""
+    s = layer.scheme
+    span = s.group_size if s.granularity is Granularity.GROUP else layer.in_features
+    for g in _INT4_GROUPS:
+        if span % g == 0 and layer.in_features % g == 0:
+            return g
+    return None
+
+
+def _expand_qparams(layer, kgroup: int):
+    """scale / zero as ``[N, K // kgroup]`` for the kernel."""
+    n, k = layer.out_features, layer.in_features
+    scale, zero = layer.scale, layer.zero
+    if layer.scheme.granularity is Granularity.TENSOR:
+        scale = scale.expand(n, 1)
+        zero = None if zero is None else zero.expand(n, 1)
+    reps = (k // kgroup) // scale.shape[1]
+    scale = scale.repeat_interleave(reps, dim=1)
+    zero = None if zero is None else zero.repeat_interleave(reps, dim=1)
+    return scale, zero
+
+
+def _int4_supports(layer) -> tuple[bool, str]:
+    from lowbit.kernels import cpu_int4
+
+    if layer.scheme.bits != 4:
+        return False, f"cpu_int4 runs 4-bit weights, this layer has {layer.scheme.bits}-bit"
+    if layer.scale.device.type != "cpu":
+        return False, "cpu_int4 runs on CPU tensors only"
+    g = _kernel_group(layer)
+    if g is None:
+        return False, f"no int4 kernel group size in {_INT4_GROUPS} tiles this layer's groups (in={layer.in_features})"
+    return cpu_int4.int4_supported(layer.out_features, layer.in_features, g, 4)
+
+
+def _int4_prepare(layer):
+    from lowbit.kernels import cpu_int4
+
+    g = _kernel_group(layer)
+    scale, zero = _expand_qparams(layer, g)
+    return cpu_int4.prepack_int4(layer.quantized_tensor().codes(), scale, zero, g)
+
+
+def _int4_run(layer, state, x):
+    from lowbit.kernels import cpu_int4
+
+    return cpu_int4.int4_linear(x, state, layer.bias)
+
+
+# -- CPU int8 (torch.ops.aten._weight_int8pack_mm) ---------------------------
+def _int8_supports(layer) -> tuple[bool, str]:
+    s = layer.scheme
+    if s.bits != 8 or not s.symmetric:
+        return False, "cpu_int8 runs 8-bit symmetric weights only"
+    if s.granularity is Granularity.GROUP:
+        return False, "cpu_int8 needs one scale per output channel (granularity 'channel' or 'tensor')"
+    if layer.scale.device.type != "cpu":
+        return False, "cpu_int8 runs on CPU tensors only"
+    return True, ""
+
+
+def _int8_prepare(layer):
+    from lowbit.kernels import cpu_int8
+
+    scale = layer.scale.expand(layer.out_features, 1) if layer.scheme.granularity is Granularity.TENSOR else layer.scale
+    return cpu_int8.prepack_int8(layer.quantized_tensor().codes(), scale)
+
+
+def _int8_run(layer, state, x):
+    from lowbit.kernels import cpu_int8
+
+    return cpu_int8.int8_linear(x, state, layer.bias)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel("reference", _ref_supports, lambda layer: None, _ref_run, priority=0),
+        Kernel("cpu_int4", _int4_supports, _int4_prepare, _int4_run, priority=10),
+        Kernel("cpu_int8", _int8_supports, _int8_prepare, _int8_run, priority=10),
+    )
+}
+
+
+def kernel_names() -> list[str]:
+    return sorted(KERNELS)
+
+
+def resolve(layer, requested: str) -> Kernel:
+    """The kernel that will run ``layer`` given the requested name (see module doc)."""
+    name = active_kernel_override() or requested
+    if name == "auto":
+        best = KERNELS["reference"]
+        for k in KERNELS.values():
+            if k.priority > best.priority and k.supports(layer)[0]:
+                best = k
+        return best
+    k = KERNELS.get(name)
+    if k is None:
+        raise KernelError(f"unknown kernel {name!r}; choose one of {kernel_names()} or 'auto'")
+    ok, why = k.supports(layer)
+    if not ok:
+        raise KernelError(f"kernel {name!r} cannot run this layer: {why}; use 'auto' or 'reference'")
+    return k
