@@ -15,9 +15,12 @@ from lowbit.errors import (  # noqa: E402
     FormatError,
     KernelError,
     LowbitError,
+    ManifestError,
     ModelSourceError,
     PackingError,
     SchemeError,
+    TensorMismatchError,
+    TruncatedCheckpointError,
     UnsupportedModelError,
 )
 from lowbit.scheme import Granularity, QuantScheme, Recipe, Rule  # noqa: E402

@@ -38,3 +38,15 @@ class DataError(LowbitError, ValueError):
 
 class CheckpointError(LowbitError, ValueError):
     """A lowbit checkpoint that is truncated, malformed, or does not match its manifest."""
+
+
+class TruncatedCheckpointError(CheckpointError):
+    """The file ends before the data its header describes (an interrupted copy or download)."""
+
+
+class ManifestError(CheckpointError):
+    """The lowbit manifest in the header is missing, malformed, or from an unsupported version."""
+
+
+class TensorMismatchError(CheckpointError):
+    """A tensor in the file does not match the manifest or the model skeleton (name, shape or dtype)."""

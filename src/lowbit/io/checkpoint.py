@@ -1,0 +1,382 @@
+"""lowbit's native checkpoint: one safetensors file that describes itself.
+
+File layout (safetensors): ``u64 n | n bytes of JSON header | data``. The header's
+``__metadata__`` holds two strings:
+
+* ``"format": "lowbit"``
+* ``"lowbit_manifest"``: JSON with
+  ``format_version`` (this module writes 1), ``lowbit_version``,
+  ``model`` (``{"kind": "transformers", "architecture", "config"}`` to rebuild
+  the skeleton, or ``{"kind": "module", "class"}`` when the caller must pass
+  the skeleton), ``recipe`` (``Recipe.to_dict()``), ``layers`` (per quantized
+  layer: ``scheme``, ``layout``, ``in_features``, ``out_features``, ``bias``,
+  ``source``), ``skipped`` and ``notes`` (every layer kept in full precision
+  and why), ``tensors`` (expected ``shape`` and ``dtype`` of every tensor) and
+  ``aliases`` (tied tensors stored once: ``{alias: stored_name}``).
+
+A ``QuantLinear`` named ``L`` stores ``L.qweight`` (uint8), ``L.scale``,
+``L.zero`` (affine only) and ``L.bias`` (when present); everything else is the
+model's ordinary state dict. Never pickle.
+
+Loading validates the header against the file size and the manifest *before*
+reading any tensor data, builds the model on the ``meta`` device
+(parameters only; buffers such as rotary tables are computed normally), swaps
+in ``QuantLinear`` layers, and loads with ``assign=True``. Saving is atomic:
+temporary file in the same directory, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lowbit
+from lowbit import packing
+from lowbit.errors import (
+    CheckpointError,
+    ManifestError,
+    SchemeError,
+    TensorMismatchError,
+    TruncatedCheckpointError,
+)
+from lowbit.model.swap import QuantizationReport, linear_kind, set_submodule
+from lowbit.nn import QuantLinear
+from lowbit.scheme import Granularity, QuantScheme, Recipe
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------
+def _model_description(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and getattr(config, "model_type", None):
+        return {"kind": "transformers", "architecture": type(model).__name__, "config": config.to_dict()}
+    return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, Any]:
+    report: Optional[QuantizationReport] = getattr(model, "lowbit_report", None)
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            layers[name] = {
+                "scheme": mod.scheme.to_dict(),
+                "layout": packing.NATIVE_LAYOUT,
+                "in_features": mod.in_features,
+                "out_features": mod.out_features,
+                "bias": mod.bias is not None,
+            }
+    if not layers:
+        raise CheckpointError("the model has no QuantLinear layers; call lowbit.quantize(model, recipe) before saving")
+    if report is not None:
+        for rec in report.layers:
+            if rec.name in layers:
+                layers[rec.name]["source"] = rec.source
+    return {
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": lowbit.__version__,
+        "model": _model_description(model),
+        "recipe": None if report is None else report.recipe.to_dict(),
+        "layers": layers,
+        "skipped": [] if report is None else [vars(s) for s in report.skipped],
+        "notes": [] if report is None else list(report.notes),
+        "tensors": {k: {"shape": list(v.shape), "dtype": _ST_DTYPES[v.dtype]} for k, v in tensors.items()},
+        "aliases": aliases,
+    }
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied weights) once; return the aliases."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for k, v in state.items():
+        if v.device.type == "meta":
+            raise CheckpointError(f"tensor {k!r} is on the meta device (not loaded); cannot save it")
+        if v.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} has dtype {v.dtype}, which the checkpoint format does not store")
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        out[k] = v.detach().contiguous()
+    return out, aliases
+
+
+def save_checkpoint(model: nn.Module, path: PathLike) -> Path:
+    """Write ``model`` (quantized by lowbit) to ``path`` atomically."""
+    path = Path(path)
+    state = model.state_dict()
+    tensors, aliases = _dedupe(state)
+    manifest = build_manifest(model, tensors, aliases)
+    metadata = {"format": "lowbit", "lowbit_manifest": json.dumps(manifest)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+    return path
+
+
+# ---------------------------------------------------------------------------
+# read and validate (no tensor data touched)
+# ---------------------------------------------------------------------------
+def read_header(path: PathLike) -> dict[str, Any]:
+    """The safetensors JSON header, validated against the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TruncatedCheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise TruncatedCheckpointError(
+                f"{path}: header length {n} does not fit in the file ({size} bytes); "
+                "the file is truncated or not a safetensors checkpoint"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ManifestError(f"{path}: the safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise ManifestError(f"{path}: header entry for tensor {name!r} is malformed") from None
+        if end > data_len:
+            raise TruncatedCheckpointError(
+                f"{path}: tensor {name!r} needs bytes {start}..{end} of the data section, "
+                f"but the file holds only {data_len}; the file is truncated (re-copy or re-save it)"
+            )
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if dtype not in _ST_ITEMSIZE or end - start != numel * _ST_ITEMSIZE[dtype]:
+            raise TensorMismatchError(f"{path}: tensor {name!r} byte range does not match its dtype {dtype} and shape {shape}")
+    return header
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """The lowbit manifest of a checkpoint, validated against the file; reads no tensor data."""
+    header = read_header(path)
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != "lowbit" or "lowbit_manifest" not in meta:
+        raise ManifestError(
+            f"{path}: not a lowbit checkpoint (no lowbit manifest in the safetensors metadata); "
+            "was it written by lowbit.save?"
+        )
+    try:
+        manifest = json.loads(meta["lowbit_manifest"])
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: the lowbit manifest is not valid JSON ({e})") from None
+    _validate_manifest(path, manifest, header)
+    return manifest
+
+
+def _expected_layer_tensors(name: str, layer: dict[str, Any]) -> dict[str, tuple[list[int], str]]:
+    scheme = QuantScheme.from_dict(layer["scheme"])
+    n, k = int(layer["out_features"]), int(layer["in_features"])
+    scheme.check_layer(name, k)
+    qshape = [1, 1] if scheme.granularity is Granularity.TENSOR else [n, scheme.n_groups(k)]
+    sdt = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[scheme.scale_dtype]
+    want = {f"{name}.qweight": ([n, packing.packed_row_bytes(k, scheme.bits)], "U8"), f"{name}.scale": (qshape, sdt)}
+    if not scheme.symmetric:
+        want[f"{name}.zero"] = (qshape, "U8")
+    return want
+
+
+def _validate_manifest(path, manifest: Any, header: dict[str, Any]) -> None:
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: the lowbit manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: checkpoint format_version {version!r}; this lowbit ({lowbit.__version__}) reads version "
+            f"{FORMAT_VERSION} (upgrade lowbit to read newer files)"
+        )
+    for key in ("model", "layers", "tensors", "aliases"):
+        if key not in manifest:
+            raise ManifestError(f"{path}: the lowbit manifest lacks the {key!r} field")
+    stored = {k: v for k, v in header.items() if k != "__metadata__"}
+    expected = manifest["tensors"]
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise TensorMismatchError(f"{path}: tensors listed in the manifest but absent: {missing[:5]}; present but unlisted: {extra[:5]}")
+    for k, info in expected.items():
+        if list(stored[k]["shape"]) != list(info["shape"]) or stored[k]["dtype"] != info["dtype"]:
+            raise TensorMismatchError(
+                f"{path}: tensor {k!r} is {stored[k]['dtype']} {stored[k]['shape']} in the file "
+                f"but the manifest expects {info['dtype']} {info['shape']}"
+            )
+    for name, layer in manifest["layers"].items():
+        try:
+            want = _expected_layer_tensors(name, layer)
+        except (SchemeError, KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{path}: layer {name!r} has an invalid scheme entry: {e}") from None
+        for k, (shape, dtype) in want.items():
+            if k not in stored:
+                raise TensorMismatchError(f"{path}: layer {name!r} lacks tensor {k!r}")
+            if list(stored[k]["shape"]) != shape or stored[k]["dtype"] != dtype:
+                raise TensorMismatchError(
+                    f"{path}: tensor {k!r} is {stored[k]['dtype']} {stored[k]['shape']}, but layer {name!r} "
+                    f"with scheme {layer['scheme']} needs {dtype} {shape}"
+                )
+    for alias, target in manifest["aliases"].items():
+        if target not in stored:
+            raise TensorMismatchError(f"{path}: alias {alias!r} points at {target!r}, which is not stored")
+
+
+# ---------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------
+def _build_skeleton(manifest: dict[str, Any], path) -> nn.Module:
+    desc = manifest["model"]
+    if desc.get("kind") != "transformers":
+        raise CheckpointError(
+            f"{path}: the checkpoint holds a custom module ({desc.get('class')}); "
+            "pass a freshly built instance of it: lowbit.load(path, model=MyModel(...))"
+        )
+    import transformers
+    from accelerate import init_empty_weights
+
+    config_dict = dict(desc["config"])
+    model_type = config_dict.get("model_type")
+    try:
+        config_cls = transformers.CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise CheckpointError(f"{path}: transformers {transformers.__version__} does not know model_type {model_type!r}") from None
+    arch = getattr(transformers, desc.get("architecture", ""), None)
+    if arch is None:
+        raise CheckpointError(f"{path}: transformers has no architecture {desc.get('architecture')!r}")
+    config = config_cls.from_dict(config_dict)
+    with init_empty_weights(include_buffers=False):
+        model = arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    return model
+
+
+def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel: str = "auto") -> nn.Module:
+    """Rebuild a quantized model from a lowbit checkpoint.
+
+    ``model``: an optional skeleton (any ``nn.Module`` with the original layer
+    structure, e.g. built on the meta device). Hugging Face models are rebuilt
+    from the config in the manifest when it is omitted.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if model is None:
+        model = _build_skeleton(manifest, path)
+    for name, layer in manifest["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise TensorMismatchError(f"{path}: the checkpoint quantizes layer {name!r}, which the model lacks") from None
+        kind = linear_kind(old)
+        if kind is None and not isinstance(old, QuantLinear):
+            raise TensorMismatchError(f"{path}: {name!r} is a {type(old).__name__} in the model, not a linear layer")
+        scheme = QuantScheme.from_dict(layer["scheme"])
+        new = QuantLinear(
+            int(layer["in_features"]),
+            int(layer["out_features"]),
+            scheme,
+            bias=bool(layer["bias"]),
+            device=torch.device("meta"),
+            kernel=kernel,
+        )
+        set_submodule(model, name, new)
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            state[k] = f.get_tensor(k)
+    for alias, target in manifest["aliases"].items():
+        state[alias] = state[target]
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise TensorMismatchError(
+            f"{path}: checkpoint and model disagree; missing from the file: {missing[:5]}, "
+            f"not in the model: {unexpected[:5]} (is this the right model skeleton?)"
+        )
+    target_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if tuple(v.shape) != target_shapes[k]:
+            raise TensorMismatchError(f"{path}: tensor {k!r} is {tuple(v.shape)} in the file, the model expects {target_shapes[k]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    _retie(model, manifest)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{path}: these tensors were not in the checkpoint and stay unloaded: {leftover[:5]}")
+    recipe = manifest.get("recipe")
+    if recipe is not None:
+        from lowbit.model.swap import SkipRecord
+
+        report = QuantizationReport(recipe=Recipe.from_dict(recipe))
+        report.skipped = [SkipRecord(**s) for s in manifest.get("skipped", [])]
+        report.notes = list(manifest.get("notes", []))
+        model.lowbit_report = report
+    model.lowbit_manifest = manifest
+    model.eval()
+    return model
+
+
+def _retie(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Make aliased parameters the *same* Parameter again (as tie_weights would)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, target in manifest["aliases"].items():
+        if alias in params and target in params:
+            owner_name, _, attr = alias.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, params[target])
