@@ -90,8 +90,19 @@ def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     scale_q = torch.where(scale == 0, torch.ones_like(scale_q), scale_q)
     scale_q = torch.where((scale_q.float() < tiny) & (scale != 0), torch.full_like(scale_q, tiny), scale_q)
     if scheme.symmetric:
-        return QParams(scale=scale_q, zero=None)
-    zero = torch.round(-lo / scale_q.float()).clamp(0, qmax).to(torch.uint8)
+        zero = None
+        reach = torch.full_like(scale_q, scheme.zero_code, dtype=torch.float32)
+    else:
+        zero = torch.round(-lo / scale_q.float()).clamp(0, qmax).to(torch.uint8)
+        reach = torch.maximum(zero.float(), qmax - zero.float())
+    # the grid's far end (0 - z) * s or (qmax - z) * s must be a finite float32,
+    # else dequantize turns a finite weight near float32 max into -inf/inf
+    if not bool(torch.isfinite(reach * scale_q.float()).all()):
+        raise FormatError(
+            f"weights of magnitude up to {float(g.abs().max()):.3g} are too close to the float32 limit: "
+            f"the end of the {scheme.bits}-bit grid overflows float32; scale the weights down "
+            "(or use more bits) for this layer"
+        )
     return QParams(scale=scale_q, zero=zero)
 
 

@@ -7,8 +7,12 @@ Integer schemes (2 to 8 bits) store unsigned codes ``q`` in ``[0, 2**bits - 1]``
 and dequantize as ``w = (q - z) * s``:
 
 - symmetric: ``z = 2**(bits-1)`` is fixed (not stored) and
-  ``s = amax / ((2**bits - 1) / 2)``, so ``+-amax`` land on the ends of the grid
-  (the convention of torchao and compressed-tensors);
+  ``s = amax / ((2**bits - 1) / 2)`` (the convention of torchao and
+  compressed-tensors). ``+-amax`` do *not* land on the grid
+  ``(-2**(bits-1) .. 2**(bits-1) - 1) * s``: ``+amax`` lies half a step above
+  its top value and ``-amax`` half a step above its bottom value (a tie,
+  rounded half to even to the bottom code), so both get error ``s/2``, the
+  same bound as every other weight;
 - affine: ``s = (max - min) / (2**bits - 1)`` and an integer zero point
   ``z = clamp(round(-min / s), 0, 2**bits - 1)`` per group (AWQ/HQQ style).
 

@@ -62,53 +62,73 @@ def compare_models(reference, candidate, windows: torch.Tensor, progress: bool =
     Both models see identical token ids; logits are taken in float32, the
     statistics are accumulated in float64.
     """
+    return compare_many(reference, {"candidate": candidate}, windows, progress=progress)["candidate"]
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.nll_ref = torch.zeros((), dtype=torch.float64)
+        self.nll_cand = torch.zeros((), dtype=torch.float64)
+        self.kl_sum = torch.zeros((), dtype=torch.float64)
+        self.kl_max = 0.0
+        self.agree = 0
+
+    def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        for s in range(0, ref_logits.shape[0], _ROW_CHUNK):
+            r = F.log_softmax(ref_logits[s : s + _ROW_CHUNK], dim=-1)
+            c = F.log_softmax(cand_logits[s : s + _ROW_CHUNK], dim=-1)
+            t = targets[s : s + _ROW_CHUNK]
+            self.nll_ref += -r.gather(1, t[:, None]).double().sum().cpu()
+            self.nll_cand += -c.gather(1, t[:, None]).double().sum().cpu()
+            kl = torch.einsum("ij,ij->i", r.exp(), r - c)  # sum_v p_ref * (log p_ref - log p_cand)
+            self.kl_sum += kl.double().sum().cpu()
+            self.kl_max = max(self.kl_max, float(kl.max()))
+            self.agree += int((r.argmax(-1) == c.argmax(-1)).sum())
+            del r, c, kl
+
+    def result(self, count: int, n: int, length: int) -> ComparisonResult:
+        ref_mean = float(self.nll_ref / count)
+        cand_mean = float(self.nll_cand / count)
+        return ComparisonResult(
+            reference_ppl=math.exp(ref_mean),
+            candidate_ppl=math.exp(cand_mean),
+            reference_mean_nll=ref_mean,
+            candidate_mean_nll=cand_mean,
+            mean_kl=float(self.kl_sum / count),
+            max_kl=self.kl_max,
+            top1_agreement=self.agree / count,
+            n_tokens=count,
+            n_windows=n,
+            window=length,
+        )
+
+
+def compare_many(reference, candidates: dict, windows: torch.Tensor, progress: bool = True) -> dict:
+    """``compare_models`` for several candidates at once: the reference runs once per
+    window and every candidate is compared with those logits. Returns ``{name: ComparisonResult}``."""
     windows = torch.as_tensor(windows, dtype=torch.long)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise DataError(
             f"windows must be [n >= 1, L >= 2] token ids (use make_windows), got {tuple(windows.shape)}"
         )
+    if not candidates:
+        raise ValueError("compare_many needs at least one candidate model")
     n, length = windows.shape
-    nll_ref = torch.zeros((), dtype=torch.float64)
-    nll_cand = torch.zeros((), dtype=torch.float64)
-    kl_sum = torch.zeros((), dtype=torch.float64)
-    kl_max = 0.0
-    agree = 0
-    count = 0
+    acc = {name: _Accumulator() for name in candidates}
     with torch.inference_mode():
         for i in tqdm(range(n), desc="compare", unit="window", disable=not progress):
             ids = windows[i : i + 1]
             ref_logits = forward_logits(reference, ids)[0, :-1]
-            cand_logits = forward_logits(candidate, ids)[0, :-1]
-            if ref_logits.shape != cand_logits.shape:
-                raise ValueError(
-                    f"reference logits {tuple(ref_logits.shape)} and candidate logits "
-                    f"{tuple(cand_logits.shape)} differ; the models must share a vocabulary"
-                )
             targets = ids[0, 1:].to(ref_logits.device)
-            for s in range(0, length - 1, _ROW_CHUNK):
-                r = F.log_softmax(ref_logits[s : s + _ROW_CHUNK], dim=-1)
-                c = F.log_softmax(cand_logits[s : s + _ROW_CHUNK], dim=-1)
-                t = targets[s : s + _ROW_CHUNK]
-                nll_ref += -r.gather(1, t[:, None]).double().sum().cpu()
-                nll_cand += -c.gather(1, t[:, None]).double().sum().cpu()
-                kl = torch.einsum("ij,ij->i", r.exp(), r - c)  # sum_v p_ref * (log p_ref - log p_cand)
-                kl_sum += kl.double().sum().cpu()
-                kl_max = max(kl_max, float(kl.max()))
-                agree += int((r.argmax(-1) == c.argmax(-1)).sum())
-                del r, c, kl
-            count += length - 1
-            del ref_logits, cand_logits
-    ref_mean = float(nll_ref / count)
-    cand_mean = float(nll_cand / count)
-    return ComparisonResult(
-        reference_ppl=math.exp(ref_mean),
-        candidate_ppl=math.exp(cand_mean),
-        reference_mean_nll=ref_mean,
-        candidate_mean_nll=cand_mean,
-        mean_kl=float(kl_sum / count),
-        max_kl=kl_max,
-        top1_agreement=agree / count,
-        n_tokens=count,
-        n_windows=n,
-        window=length,
-    )
+            for name, cand in candidates.items():
+                cand_logits = forward_logits(cand, ids)[0, :-1]
+                if ref_logits.shape != cand_logits.shape:
+                    raise ValueError(
+                        f"reference logits {tuple(ref_logits.shape)} and candidate {name!r} logits "
+                        f"{tuple(cand_logits.shape)} differ; the models must share a vocabulary"
+                    )
+                acc[name].add(ref_logits, cand_logits, targets)
+                del cand_logits
+            del ref_logits
+    count = n * (length - 1)
+    return {name: a.result(count, n, length) for name, a in acc.items()}

@@ -104,6 +104,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
     """Quantize every linear layer of ``model`` in place as ``recipe`` says."""
     if isinstance(model, QuantLinear) or linear_kind(model) is not None:
         raise UnsupportedModelError("quantize a model that *contains* linear layers, not a bare layer")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise UnsupportedModelError(
+            "the model already holds QuantLinear layers; quantize a fresh full-precision copy "
+            "(lowbit.load_pretrained) rather than re-quantizing quantized weights"
+        )
     linears = list(iter_linears(model))
     if not linears:
         raise UnsupportedModelError(
@@ -115,11 +120,16 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
             report.skipped.append(SkipRecord(name, "embedding: kept in full precision (not a linear layer)"))
-    for name, mod, kind in tqdm(linears, desc=f"quantizing ({recipe.method})", disable=not progress, unit="layer"):
+    # Resolve every layer's scheme before touching any weight: a recipe error must
+    # leave the model exactly as it was, never half quantized.
+    plan = []
+    for name, mod, kind in linears:
+        out_f, in_f = weight_as_linear(mod, kind).shape
+        rule_idx, _ = recipe.match(name)
+        plan.append((name, mod, kind, rule_idx, recipe.scheme_for(name, in_f)))
+    for name, mod, kind, rule_idx, scheme in tqdm(plan, desc=f"quantizing ({recipe.method})", disable=not progress, unit="layer"):
         w = weight_as_linear(mod, kind)
         out_f, in_f = w.shape
-        rule_idx, _ = recipe.match(name)
-        scheme = recipe.scheme_for(name, in_f)
         if scheme is None:
             report.skipped.append(
                 SkipRecord(name, f"recipe rule {rule_idx} ({recipe.rules[rule_idx].pattern!r}) keeps full precision")
