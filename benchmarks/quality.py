@@ -4,8 +4,9 @@ For every configuration: perplexity, KL divergence and top-1 agreement
 against the fp32 model on the same tokens, bits per weight (scales and zero
 points included), and the size of the saved checkpoint. The fp32 model runs
 once per window; every quantized model is compared with those logits
-(``lowbit.eval.compare.compare_many``). Quantized models use the reference
-kernel (dequantize + F.linear in fp32), so only the weights differ.
+(``lowbit.eval.compare.compare_many``). Quantized models use the ``dequantized``
+kernel (the reference arithmetic, dequantize + F.linear in fp32, with the
+dequantized weight cached), so only the weights differ from fp32.
 
 The baseline is the GGUF's Q4_1 weights dequantized to fp32 (its linears lie
 on a 4-bit, 32-wide asymmetric grid: W4 g32 asym is trivially lossless here).
@@ -75,12 +76,12 @@ def main() -> None:
                 "groups": sorted({r.scheme.get("group_size") or 0 for r in report.layers}),
             }
             candidates[name] = q
-        with use_kernel("reference"):
+        with use_kernel("dequantized"):
             results = compare_many(model, candidates, windows, progress=True)
     fp32_ppl = next(iter(results.values())).reference_ppl
     n_lin = sum(p.numel() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
     print(f"\nSmolLM2-135M-Instruct (fp32 from GGUF Q4_1), WikiText-2 test, {args.windows} windows x "
-          f"{args.window_len} tokens ({results[args.configs[0]].n_tokens} predicted tokens), RTN, reference kernel")
+          f"{args.window_len} tokens ({results[args.configs[0]].n_tokens} predicted tokens), RTN, dequantized (reference) kernel")
     print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"total {time.time() - t0:.0f} s; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB\n")
     print("| scheme | groups used | bits/weight | checkpoint MB | ppl | Δppl | KL (nats) | top-1 agree |")

@@ -31,7 +31,7 @@ def _compare(smollm2, windows, recipe):
     model, _ = smollm2
     q = copy.deepcopy(model)
     report = lowbit.quantize(q, recipe, progress=False)
-    with use_kernel("reference"):
+    with use_kernel("dequantized"):
         result = compare_models(model, q, windows, progress=False)
     return result, report
 

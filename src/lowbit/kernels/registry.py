@@ -70,53 +70,43 @@ def _ref_run(layer, state, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
+def _dequantized_prepare(layer) -> torch.Tensor:
+    return layer.quantized_tensor().dequantize(torch.float32)
+
+
+def _dequantized_run(layer, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
 # -- CPU int4 (torch.ops.aten._weight_int4pack_mm_for_cpu) -------------------
-_INT4_GROUPS = (256, 128, 64, 32)
-
-
-def _kernel_group(layer) -> Optional[int]:
-    """A group size the int4 op accepts that tiles the scheme's groups exactly
-    (channel / tensor scales are repeated across sub-groups: exact)."""
-    s = layer.scheme
-    span = s.group_size if s.granularity is Granularity.GROUP else layer.in_features
-    for g in _INT4_GROUPS:
-        if span % g == 0 and layer.in_features % g == 0:
-            return g
-    return None
-
-
-def _expand_qparams(layer, kgroup: int):
-    """scale / zero as ``[N, K // kgroup]`` for the kernel."""
-    n, k = layer.out_features, layer.in_features
+def _per_row_qparams(layer):
+    """scale / zero with one row per output channel (a per-tensor scale is repeated)."""
+    n = layer.out_features
     scale, zero = layer.scale, layer.zero
     if layer.scheme.granularity is Granularity.TENSOR:
         scale = scale.expand(n, 1)
         zero = None if zero is None else zero.expand(n, 1)
-    reps = (k // kgroup) // scale.shape[1]
-    scale = scale.repeat_interleave(reps, dim=1)
-    zero = None if zero is None else zero.repeat_interleave(reps, dim=1)
     return scale, zero
+
+
+def _scheme_group(layer) -> int:
+    s = layer.scheme
+    return s.group_size if s.granularity is Granularity.GROUP else layer.in_features
 
 
 def _int4_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_int4
 
-    if layer.scheme.bits != 4:
-        return False, f"cpu_int4 runs 4-bit weights, this layer has {layer.scheme.bits}-bit"
     if layer.scale.device.type != "cpu":
         return False, "cpu_int4 runs on CPU tensors only"
-    g = _kernel_group(layer)
-    if g is None:
-        return False, f"no int4 kernel group size in {_INT4_GROUPS} tiles this layer's groups (in={layer.in_features})"
-    return cpu_int4.int4_supported(layer.out_features, layer.in_features, g, 4)
+    return cpu_int4.int4_supported(layer.out_features, layer.in_features, _scheme_group(layer), layer.scheme.bits)
 
 
 def _int4_prepare(layer):
     from lowbit.kernels import cpu_int4
 
-    g = _kernel_group(layer)
-    scale, zero = _expand_qparams(layer, g)
-    return cpu_int4.prepack_int4(layer.quantized_tensor().codes(), scale, zero, g)
+    scale, zero = _per_row_qparams(layer)
+    return cpu_int4.prepack_int4(layer.quantized_tensor().codes(), scale, zero, _scheme_group(layer))
 
 
 def _int4_run(layer, state, x):
@@ -127,20 +117,21 @@ def _int4_run(layer, state, x):
 
 # -- CPU int8 (torch.ops.aten._weight_int8pack_mm) ---------------------------
 def _int8_supports(layer) -> tuple[bool, str]:
+    from lowbit.kernels import cpu_int8
+
     s = layer.scheme
-    if s.bits != 8 or not s.symmetric:
-        return False, "cpu_int8 runs 8-bit symmetric weights only"
     if s.granularity is Granularity.GROUP:
         return False, "cpu_int8 needs one scale per output channel (granularity 'channel' or 'tensor')"
     if layer.scale.device.type != "cpu":
         return False, "cpu_int8 runs on CPU tensors only"
-    return True, ""
+    k = layer.in_features
+    return cpu_int8.int8_supported(layer.out_features, k, k, s.bits, s.symmetric)
 
 
 def _int8_prepare(layer):
     from lowbit.kernels import cpu_int8
 
-    scale = layer.scale.expand(layer.out_features, 1) if layer.scheme.granularity is Granularity.TENSOR else layer.scale
+    scale, _ = _per_row_qparams(layer)
     return cpu_int8.prepack_int8(layer.quantized_tensor().codes(), scale)
 
 
@@ -154,6 +145,10 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("reference", _ref_supports, lambda layer: None, _ref_run, priority=0),
+        # same arithmetic as "reference" (bit-identical outputs), but the fp32 weight is
+        # dequantized once and cached on the layer: fast evaluation at fp32 memory cost.
+        # Never chosen by "auto".
+        Kernel("dequantized", _ref_supports, _dequantized_prepare, _dequantized_run, priority=-1),
         Kernel("cpu_int4", _int4_supports, _int4_prepare, _int4_run, priority=10),
         Kernel("cpu_int8", _int8_supports, _int8_prepare, _int8_run, priority=10),
     )

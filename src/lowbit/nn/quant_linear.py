@@ -28,6 +28,15 @@ from lowbit.tensor import QuantizedTensor
 from lowbit.formats import scale_torch_dtype
 
 
+def _identity(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors carry no version counter (and cannot be written in place)
+        return (t.data_ptr(), None)
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -94,7 +103,8 @@ class QuantLinear(nn.Module):
         return k.run(self, self._prepared_state(k), x)
 
     def _prepared_state(self, k: registry.Kernel) -> Any:
-        key = (self.qweight.data_ptr(), self.scale.data_ptr(), None if self.zero is None else self.zero.data_ptr())
+        # data_ptr catches replaced tensors, _version catches in-place writes (load_state_dict)
+        key = tuple(_identity(t) for t in (self.qweight, self.scale, self.zero, self.bias))
         hit = self._prepared.get(k.name)
         if hit is not None and hit[0] == key:
             return hit[1]
