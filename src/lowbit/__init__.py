@@ -26,7 +26,7 @@ from lowbit.errors import (  # noqa: E402
 from lowbit.scheme import Granularity, QuantScheme, Recipe, Rule  # noqa: E402
 
 
-_API = ("quantize", "save", "load", "load_pretrained", "use_kernel", "QuantLinear")
+_API = ("quantize", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest")
 
 
 def __getattr__(name):

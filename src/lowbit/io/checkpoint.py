@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -48,7 +48,7 @@ from lowbit.errors import (
     TensorMismatchError,
     TruncatedCheckpointError,
 )
-from lowbit.model.swap import QuantizationReport, linear_kind, set_submodule
+from lowbit.model.swap import QuantizationReport, SkipRecord, linear_kind, set_submodule, weight_as_linear
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Granularity, QuantScheme, Recipe
 
@@ -100,6 +100,12 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         for rec in report.layers:
             if rec.name in layers:
                 layers[rec.name]["source"] = rec.source
+    loaded = getattr(model, "lowbit_manifest", None)  # a model that came from lowbit.load
+    if isinstance(loaded, dict):
+        for name, layer in layers.items():
+            src = loaded.get("layers", {}).get(name, {}).get("source")
+            if src is not None:
+                layer.setdefault("source", src)
     return {
         "format_version": FORMAT_VERSION,
         "lowbit_version": lowbit.__version__,
@@ -187,13 +193,21 @@ def read_header(path: PathLike) -> dict[str, Any]:
         raise ManifestError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ManifestError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and (
+        not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise ManifestError(f"{path}: the safetensors __metadata__ must map strings to strings")
     data_len = size - 8 - n
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             start, end = info["data_offsets"]
             dtype, shape = info["dtype"], info["shape"]
+            if not all(_is_count(x) for x in (start, end, *shape)) or not isinstance(dtype, str) or start > end:
+                raise ValueError
         except (TypeError, KeyError, ValueError):
             raise ManifestError(f"{path}: header entry for tensor {name!r} is malformed") from None
         if end > data_len:
@@ -206,7 +220,26 @@ def read_header(path: PathLike) -> dict[str, Any]:
             numel *= int(d)
         if dtype not in _ST_ITEMSIZE or end - start != numel * _ST_ITEMSIZE[dtype]:
             raise TensorMismatchError(f"{path}: tensor {name!r} byte range does not match its dtype {dtype} and shape {shape}")
+        ranges.append((start, end, name))
+    # safetensors stores tensors back to back and covers the data section exactly
+    pos = 0
+    for start, end, name in sorted(ranges):
+        if start != pos:
+            raise ManifestError(
+                f"{path}: tensor {name!r} starts at byte {start} of the data section, expected {pos} "
+                "(overlapping or gapped tensors); the header is corrupted"
+            )
+        pos = end
+    if pos != data_len:
+        raise ManifestError(
+            f"{path}: the header describes {pos} bytes of tensor data but the file holds {data_len} "
+            "(trailing bytes after the last tensor); the file is corrupted"
+        )
     return header
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_manifest(path: PathLike) -> dict[str, Any]:
@@ -220,7 +253,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(meta["lowbit_manifest"])
-    except json.JSONDecodeError as e:
+    except (TypeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: the lowbit manifest is not valid JSON ({e})") from None
     _validate_manifest(path, manifest, header)
     return manifest
@@ -229,6 +262,8 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
 def _expected_layer_tensors(name: str, layer: dict[str, Any]) -> dict[str, tuple[list[int], str]]:
     scheme = QuantScheme.from_dict(layer["scheme"])
     n, k = int(layer["out_features"]), int(layer["in_features"])
+    if not isinstance(layer["bias"], bool):
+        raise TypeError(f"'bias' must be true or false, got {layer['bias']!r}")
     scheme.check_layer(name, k)
     qshape = [1, 1] if scheme.granularity is Granularity.TENSOR else [n, scheme.n_groups(k)]
     sdt = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[scheme.scale_dtype]
@@ -250,6 +285,7 @@ def _validate_manifest(path, manifest: Any, header: dict[str, Any]) -> None:
     for key in ("model", "layers", "tensors", "aliases"):
         if key not in manifest:
             raise ManifestError(f"{path}: the lowbit manifest lacks the {key!r} field")
+    _check_manifest_types(path, manifest)
     stored = {k: v for k, v in header.items() if k != "__metadata__"}
     expected = manifest["tensors"]
     missing = sorted(set(expected) - set(stored))
@@ -275,9 +311,59 @@ def _validate_manifest(path, manifest: Any, header: dict[str, Any]) -> None:
                     f"{path}: tensor {k!r} is {stored[k]['dtype']} {stored[k]['shape']}, but layer {name!r} "
                     f"with scheme {layer['scheme']} needs {dtype} {shape}"
                 )
+        # tensors the scheme does not use (e.g. a zero point under a symmetric scheme) mean the
+        # scheme and the data disagree
+        for suffix in ("zero", "bias"):
+            k = f"{name}.{suffix}"
+            used = k in want or (suffix == "bias" and layer["bias"])
+            if (k in stored or k in manifest["aliases"]) != used:
+                raise TensorMismatchError(
+                    f"{path}: layer {name!r} with scheme {layer['scheme']} and bias={layer['bias']} "
+                    f"{'needs' if used else 'does not use'} tensor {k!r}, but the file "
+                    f"{'lacks it' if used else 'holds it'}"
+                )
     for alias, target in manifest["aliases"].items():
         if target not in stored:
             raise TensorMismatchError(f"{path}: alias {alias!r} points at {target!r}, which is not stored")
+
+
+def _check_manifest_types(path, manifest: dict[str, Any]) -> None:
+    """The manifest's fields have the JSON types the loader relies on (else ManifestError)."""
+
+    def bad(what: str):
+        return ManifestError(f"{path}: the lowbit manifest is malformed: {what}; re-save the checkpoint with lowbit.save")
+
+    model = manifest["model"]
+    if not isinstance(model, dict) or model.get("kind") not in ("transformers", "module"):
+        raise bad("'model' must be an object with kind 'transformers' or 'module'")
+    if model["kind"] == "transformers" and not (
+        isinstance(model.get("architecture"), str) and isinstance(model.get("config"), dict)
+    ):
+        raise bad("a 'transformers' model needs a string 'architecture' and an object 'config'")
+    if not isinstance(manifest["layers"], dict) or not all(isinstance(v, dict) for v in manifest["layers"].values()):
+        raise bad("'layers' must map layer names to objects")
+    tensors = manifest["tensors"]
+    if not isinstance(tensors, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
+        for v in tensors.values()
+    ):
+        raise bad("'tensors' must map tensor names to {'shape': [...], 'dtype': '...'}")
+    aliases = manifest["aliases"]
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise bad("'aliases' must map tensor names to stored tensor names")
+    skipped = manifest.get("skipped", [])
+    if not isinstance(skipped, list) or not all(
+        isinstance(s, dict) and set(s) == set(SkipRecord.__dataclass_fields__) for s in skipped
+    ):
+        raise bad(f"'skipped' must be a list of objects with the fields {sorted(SkipRecord.__dataclass_fields__)}")
+    if not isinstance(manifest.get("notes", []), list):
+        raise bad("'notes' must be a list")
+    recipe = manifest.get("recipe")
+    if recipe is not None:
+        try:
+            Recipe.from_dict(recipe)
+        except SchemeError as e:
+            raise bad(f"invalid 'recipe' ({e})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -302,9 +388,15 @@ def _build_skeleton(manifest: dict[str, Any], path) -> nn.Module:
     arch = getattr(transformers, desc.get("architecture", ""), None)
     if arch is None:
         raise CheckpointError(f"{path}: transformers has no architecture {desc.get('architecture')!r}")
-    config = config_cls.from_dict(config_dict)
-    with init_empty_weights(include_buffers=False):
-        model = arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    try:
+        config = config_cls.from_dict(config_dict)
+        with init_empty_weights(include_buffers=False):
+            model = arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: could not rebuild {desc.get('architecture')} from the config in the manifest ({e}); "
+            "pass the model skeleton: lowbit.load(path, model=...)"
+        ) from None
     return model
 
 
@@ -327,6 +419,13 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         kind = linear_kind(old)
         if kind is None and not isinstance(old, QuantLinear):
             raise TensorMismatchError(f"{path}: {name!r} is a {type(old).__name__} in the model, not a linear layer")
+        have = (old.out_features, old.in_features) if kind is None else tuple(weight_as_linear(old, kind).shape)
+        want = (int(layer["out_features"]), int(layer["in_features"]))
+        if have != want:
+            raise TensorMismatchError(
+                f"{path}: layer {name!r} is [out, in] = {list(have)} in the model but {list(want)} in the "
+                "checkpoint (is this the right model skeleton?)"
+            )
         scheme = QuantScheme.from_dict(layer["scheme"])
         new = QuantLinear(
             int(layer["in_features"]),
@@ -338,9 +437,12 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         )
         set_submodule(model, name, new)
     state = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except (SafetensorError, OSError) as e:  # the checks above should have caught it; never leak a raw error
+        raise CheckpointError(f"{path}: safetensors could not read the file ({e}); re-save or re-copy it") from None
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
     expected = set(model.state_dict().keys())
@@ -361,8 +463,6 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         raise CheckpointError(f"{path}: these tensors were not in the checkpoint and stay unloaded: {leftover[:5]}")
     recipe = manifest.get("recipe")
     if recipe is not None:
-        from lowbit.model.swap import SkipRecord
-
         report = QuantizationReport(recipe=Recipe.from_dict(recipe))
         report.skipped = [SkipRecord(**s) for s in manifest.get("skipped", [])]
         report.notes = list(manifest.get("notes", []))
