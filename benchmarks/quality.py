@@ -40,7 +40,6 @@ CONFIGS = {
     "W4 g32 asym": QuantScheme(bits=4, group_size=32, symmetric=False),
     "W4 g128 sym": QuantScheme(bits=4, group_size=128),
     "W4 g128 asym": QuantScheme(bits=4, group_size=128, symmetric=False),
-    "W3 g128 sym": QuantScheme(bits=3, group_size=128),
     "W3 g128 asym": QuantScheme(bits=3, group_size=128, symmetric=False),
     "W2 g64 asym": QuantScheme(bits=2, group_size=64, symmetric=False),
 }

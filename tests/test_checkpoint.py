@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import LLAMA_LINEARS, tiny_gpt2, tiny_llama
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import lowbit
 import lowbit.io
@@ -46,42 +47,6 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe, Rule
 
 # ----------------------------------------------------------------------------- helpers
-
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    max_position_embeddings=64,
-)
-LLAMA_LINEARS = [
-    f"model.layers.{i}.{p}"
-    for i in range(2)
-    for p in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-]
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).eval()
-
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 123) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

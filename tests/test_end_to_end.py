@@ -21,21 +21,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 import lowbit
 from lowbit.scheme import QuantScheme
-
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    max_position_embeddings=64,
-)
 
 W8C = QuantScheme(bits=8, granularity="channel")
 W4G32 = QuantScheme(bits=4, group_size=32)
@@ -45,8 +35,7 @@ W2G32A = QuantScheme(bits=2, group_size=32, symmetric=False)
 
 @pytest.fixture(scope="module")
 def fp_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    return tiny_llama(0)
 
 
 @pytest.fixture(scope="module")

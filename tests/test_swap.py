@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_models import GPT2_LINEARS, LLAMA_LINEARS, tiny_gpt2
+from tiny_models import tiny_llama as _tiny_llama
 from lowbit.errors import SchemeError, UnsupportedModelError
 from lowbit.formats import fake_quantize, sqnr_db
 from lowbit.kernels.registry import use_kernel
@@ -29,24 +31,7 @@ W2T = QuantScheme(bits=2, granularity="tensor", symmetric=False)
 
 
 def tiny_llama(seed: int = 0, intermediate_size: int = 256, tie: bool = False):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return _tiny_llama(seed, intermediate_size, tie)
 
 
 def tokens(seed: int = 0, batch: int = 2, length: int = 16) -> torch.Tensor:
@@ -72,20 +57,6 @@ def fake_quantized_copy(model: nn.Module, recipe: Recipe) -> nn.Module:
     return ref
 
 
-LLAMA_LINEARS = [
-    f"model.layers.{i}.{p}"
-    for i in range(2)
-    for p in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-]
-GPT2_LINEARS = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
 def check_swapped(model, report, expected_quantized, expected_skipped):

@@ -1,0 +1,46 @@
+"""Tiny randomly initialised models for tests (built from configs: no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+LLAMA_BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+LLAMA_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in LLAMA_BLOCK_LINEARS]
+GPT2_LINEARS = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def llama_config(intermediate_size: int = 256, tie: bool = True) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+
+
+def tiny_llama(seed: int = 0, intermediate_size: int = 256, tie: bool = True) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(llama_config(intermediate_size, tie)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
