@@ -213,6 +213,10 @@ def test_eval_and_generate_on_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert math.isfinite(c["candidate_ppl"]) and c["mean_kl"] >= 0
     assert result["kernels_used"] == "reference"
     assert "2 windows x 64 tokens" in out and "w4g64-sym" in out
+    mem = result["memory"]
+    assert mem["checkpoint_bytes"] == tiny_ckpt.stat().st_size
+    assert mem["peak_rss_bytes"] >= mem["model_bytes"] > 0
+    assert "peak RSS" in out
     rc, out, err = _run(capsys, ["generate", str(tiny_ckpt), "--prompt", "The quick", "--max-new-tokens", "5",
                                  "--no-progress"])
     assert rc == 0, err

@@ -523,6 +523,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r += ["", ""]
         rows[-1] += [f"{result['prefill']['tokens_per_s']:.1f}", f"{result['decode']['tokens_per_s']:.1f}"]
     _out(_table(headers, rows, [False, False] + [True] * (len(headers) - 2)))
+    from lowbit.eval.memory import file_size_bytes, model_bytes, peak_rss_bytes
+
+    result["memory"] = {
+        "model_bytes": model_bytes(model),
+        "checkpoint_bytes": file_size_bytes(args.model) if manifest is not None else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    mem = result["memory"]
+    ckpt = f"checkpoint {_mb(mem['checkpoint_bytes'])} MB; " if mem["checkpoint_bytes"] is not None else ""
+    _out(f"memory: {ckpt}model tensors {_mb(mem['model_bytes'])} MB; peak RSS of this process "
+         f"{_mb(mem['peak_rss_bytes'])} MB (it also held the reference model, if any)")
     if args.speed:
         _out(f"speed: batch 1; prefill {SPEED_PREFILL_LEN} random tokens; decode {SPEED_PROMPT_LEN}-token random "
              f"prompt + 32 greedy steps with the KV cache (median of 3); {_threads()} torch threads")

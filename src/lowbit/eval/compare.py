@@ -112,7 +112,7 @@ def compare_many(reference, candidates: dict, windows: torch.Tensor, progress: b
             f"windows must be [n >= 1, L >= 2] token ids (use make_windows), got {tuple(windows.shape)}"
         )
     if not candidates:
-        raise ValueError("compare_many needs at least one candidate model")
+        raise DataError("compare_many needs at least one candidate model")
     n, length = windows.shape
     acc = {name: _Accumulator() for name in candidates}
     with torch.inference_mode():
@@ -123,7 +123,7 @@ def compare_many(reference, candidates: dict, windows: torch.Tensor, progress: b
             for name, cand in candidates.items():
                 cand_logits = forward_logits(cand, ids)[0, :-1]
                 if ref_logits.shape != cand_logits.shape:
-                    raise ValueError(
+                    raise DataError(
                         f"reference logits {tuple(ref_logits.shape)} and candidate {name!r} logits "
                         f"{tuple(cand_logits.shape)} differ; the models must share a vocabulary"
                     )
