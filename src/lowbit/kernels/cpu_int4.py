@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import KernelError
+from lowbit.kernels.activations import bf16_rows, finish
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 
@@ -140,19 +141,9 @@ def int4_linear(x: torch.Tensor, prepacked: Int4Prepacked, bias: Optional[torch.
     The bias is added after the cast back, in x's dtype (as ``F.linear`` would).
     """
     p = prepacked
-    if not x.is_floating_point():
-        raise KernelError(f"activations must be floating point, got {x.dtype}")
-    if x.shape[-1] != p.K:
-        raise KernelError(f"input has {x.shape[-1]} features, the weight expects K={p.K}")
-    if x.device.type != "cpu":
-        raise KernelError(f"cpu_int4 runs on CPU tensors, got {x.device}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, p.K).to(torch.bfloat16).contiguous()
+    x2, lead = bf16_rows(x, p.K, "cpu_int4")
     if x2.shape[0] == 0:
         y = x2.new_zeros((0, p.N))
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p.packed, p.group_size, p.scales_and_zeros)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, p.N)
+    return finish(y, x, bias, lead)

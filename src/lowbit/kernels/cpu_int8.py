@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import KernelError
+from lowbit.kernels.activations import bf16_rows, finish
 
 _ALIGN = 64
 
@@ -98,23 +99,13 @@ def prepack_int8(q: torch.Tensor, scale: torch.Tensor) -> Int8Prepacked:
 def int8_linear(x: torch.Tensor, prepacked: Int8Prepacked, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` for ``x [..., K]``; computes in bf16, returns x's dtype."""
     p = prepacked
-    if not x.is_floating_point():
-        raise KernelError(f"activations must be floating point, got {x.dtype}")
-    if x.shape[-1] != p.K:
-        raise KernelError(f"input has {x.shape[-1]} features, the weight expects K={p.K}")
-    if x.device.type != "cpu":
-        raise KernelError(f"cpu_int8 runs on CPU tensors, got {x.device}")
     if p.K % 16 != 0:  # a hand-built Int8Prepacked; the op would crash
         raise KernelError(f"in_features K={p.K} must be a multiple of 16")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, p.K).to(torch.bfloat16).contiguous()
+    x2, lead = bf16_rows(x, p.K, "cpu_int8")
     if not _aligned(x2):
         x2 = x2.clone()
     if x2.shape[0] == 0:
         y = x2.new_zeros((0, p.N))
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, p.weight, p.scales)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, p.N)
+    return finish(y, x, bias, lead)
