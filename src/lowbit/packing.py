@@ -78,7 +78,7 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle a byte; stay in uint8
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, -1)[:, :cols].contiguous()
+        return codes.reshape(rows, expected * (8 // bits))[:, :cols].contiguous()
     n8 = expected // bits
     by = packed.to(torch.int64).view(rows, n8, bits)
     words = (by << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=-1)
