@@ -9,7 +9,8 @@ kernel (the reference arithmetic, dequantize + F.linear in fp32, with the
 dequantized weight cached), so only the weights differ from fp32.
 
 The baseline is the GGUF's Q4_1 weights dequantized to fp32 (its linears lie
-on a 4-bit, 32-wide asymmetric grid: W4 g32 asym is trivially lossless here).
+on a 4-bit, 32-wide grid with a float offset per block; lowbit's integer zero
+point cannot hold that offset exactly, so even W4 g32 asym is not lossless).
 
     .venv/bin/python benchmarks/quality.py --windows 40 --window-len 2048 --json out.json
 """

@@ -56,8 +56,9 @@ RECIPE_FLAGS = (
     "--method",
 )
 
-# The demo's two quantized rows. Neither is W4 g32 asymmetric, which is
-# lossless on the default model (its linears already lie on that grid).
+# The demo's two quantized rows. Neither is W4 g32 asymmetric, whose numbers
+# would flatter lowbit on the default model (its linears came from a 4-bit,
+# 32-wide grid; see README "About the default model's baseline").
 DEMO_SCHEMES = (
     QuantScheme(bits=4, symmetric=True, granularity="group", group_size=64),
     QuantScheme(bits=8, symmetric=True, granularity="channel"),
@@ -651,8 +652,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out("")
     _out(f"lowbit demo: {getattr(fp_model.config, 'lowbit_source', args.source)}")
     if args.source == "default":
-        _out("  (the fp32 baseline is the GGUF's Q4_1 weights dequantized: already a 4-bit model, "
-             "so W4 g32 asym would be lossless on it)")
+        _out("  (the fp32 baseline is the GGUF's Q4_1 weights dequantized: already a 4-bit, "
+             "32-wide grid, so 4-bit g32 results would flatter; the rows below use other settings)")
     _out(f"data: {data_label}, {n} windows x {args.window_len} tokens ({n * (args.window_len - 1)} predicted "
          "tokens), ppl = exp(mean NLL); KL and top-1 vs the fp32 model on the same tokens")
     if args.decode_tokens > 0:
