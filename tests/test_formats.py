@@ -656,7 +656,6 @@ def test_group_size_that_does_not_divide_names_the_layer_and_lists_sizes():
         ({"granularity": "block"}, "granularity"),
         ({"group_size": 1}, "group_size"),
         ({"group_size": 0}, "group_size"),
-        ({"group_size": None}, "group_size"),
         ({"group_size": 32.0}, "group_size"),
         ({"granularity": "channel", "group_size": 64}, "group_size"),
         ({"granularity": "tensor", "group_size": 32}, "group_size"),
@@ -846,3 +845,11 @@ def test_quantized_tensor_validation():
         QuantizedTensor(qt.packed, qt.scale, None, (4, 16), QuantScheme(bits=4, group_size=8, symmetric=False))
     with pytest.raises(PackingError, match="layout"):
         QuantizedTensor(qt.packed, qt.scale, None, (4, 16), scheme, layout="gptq")
+
+
+def test_group_size_with_a_non_group_granularity_is_an_error_not_dropped():
+    assert QuantScheme(bits=4).group_size == 128
+    assert QuantScheme(bits=4, group_size=None).group_size == 128  # None = the default group size
+    assert QuantScheme(bits=8, granularity="channel").group_size is None
+    with pytest.raises(SchemeError, match="only applies to granularity 'group'"):
+        QuantScheme(bits=8, granularity="channel", group_size=128)

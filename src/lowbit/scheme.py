@@ -33,6 +33,7 @@ from lowbit.errors import SchemeError
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
+DEFAULT_GROUP_SIZE = 128
 
 
 class Granularity(str, Enum):
@@ -52,7 +53,7 @@ class QuantScheme:
     bits: int = 4
     symmetric: bool = True
     granularity: Granularity = Granularity.GROUP
-    group_size: Optional[int] = 128
+    group_size: Optional[int] = None  # None with granularity 'group' means DEFAULT_GROUP_SIZE
     scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -71,20 +72,18 @@ class QuantScheme:
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {SCALE_DTYPES}")
         if self.granularity is Granularity.GROUP:
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 2:
                 raise SchemeError(
                     f"granularity 'group' needs an integer group_size >= 2, got {self.group_size!r} "
                     "(for one scale per row use granularity='channel')"
                 )
         elif self.group_size is not None:
-            if self.group_size == 128 and type(self).__dataclass_fields__["group_size"].default == 128:
-                # the default group size came along with a non-group granularity: drop it
-                object.__setattr__(self, "group_size", None)
-            else:
-                raise SchemeError(
-                    f"group_size={self.group_size} only applies to granularity 'group', "
-                    f"not {self.granularity.value!r}; leave it out"
-                )
+            raise SchemeError(
+                f"group_size={self.group_size} only applies to granularity 'group', "
+                f"not {self.granularity.value!r}; leave it out"
+            )
 
     # -- shapes -------------------------------------------------------------
     @property
