@@ -362,7 +362,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         short = QuantScheme.from_dict(r.scheme).short_name
         counts[short] = counts.get(short, 0) + 1
     _out(f"model:    {getattr(model.config, 'lowbit_source', args.source)}")
-    _out(f"recipe:   method {recipe.method}, indivisible_groups={recipe.indivisible_groups!r}")
+    _out(f"recipe:   method {recipe.method_name}, indivisible_groups={recipe.indivisible_groups!r}")
     for i, rule in enumerate(recipe.to_dict()["rules"]):
         _out(f"  rule {i}: {_rule_text(rule)}")
     _out(f"quantized {len(report.layers)} linear layers: {_scheme_label(counts) if counts else '-'}")

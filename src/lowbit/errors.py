@@ -36,6 +36,11 @@ class DataError(LowbitError, ValueError):
     """Evaluation or calibration data that is missing, empty or too short."""
 
 
+class CalibrationError(LowbitError, ValueError):
+    """Calibration statistics are unusable (NaN/Inf activations, a Hessian that is not
+    positive definite, a layer that saw no calibration tokens)."""
+
+
 class CheckpointError(LowbitError, ValueError):
     """A lowbit checkpoint that is truncated, malformed, or does not match its manifest."""
 

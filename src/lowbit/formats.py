@@ -12,6 +12,9 @@ group      ``[out, in/G, G]``          ``[out, in/G]``
 =========  ==========================  =====================
 
 Codes are unsigned ``uint8`` in ``[0, 2**bits - 1]``; ``w = (q - z) * s``.
+Integer zero points are uint8 and the affine grid always holds 0 exactly;
+float zero points (``zero_point="float"``) are stored in the scale dtype and
+map the group's min and max exactly onto codes 0 and ``2**bits - 1``.
 The scale is rounded to the scheme's ``scale_dtype`` *before* the codes are
 chosen, so that ``dequantize(quantize(w))`` is exactly what a saved checkpoint
 reproduces (``fake_quantize`` is literally that composition).
@@ -35,9 +38,15 @@ def scale_torch_dtype(scheme: QuantScheme) -> torch.dtype:
     return _DTYPES[scheme.scale_dtype]
 
 
+def zero_torch_dtype(scheme: QuantScheme) -> torch.dtype:
+    """uint8 for integer zero points, the scale dtype for float ones."""
+    return _DTYPES[scheme.scale_dtype] if scheme.zero_point == "float" else torch.uint8
+
+
 @dataclass(frozen=True)
 class QParams:
-    """``scale`` in the scheme's scale dtype; ``zero`` uint8 (None when symmetric)."""
+    """``scale`` in the scheme's scale dtype; ``zero`` uint8, or the scale dtype for float
+    zero points (None when symmetric)."""
 
     scale: torch.Tensor
     zero: Optional[torch.Tensor]
@@ -74,6 +83,10 @@ def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     if scheme.symmetric:
         amax = g.abs().amax(dim=-1)
         scale = amax / (qmax / 2)
+    elif scheme.zero_point == "float":
+        lo = g.amin(dim=-1)
+        hi = g.amax(dim=-1)
+        scale = hi / qmax - lo / qmax
     else:
         lo = g.amin(dim=-1).clamp(max=0.0)  # the grid must hold 0 exactly
         hi = g.amax(dim=-1).clamp(min=0.0)
@@ -92,6 +105,9 @@ def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     if scheme.symmetric:
         zero = None
         reach = torch.full_like(scale_q, scheme.zero_code, dtype=torch.float32)
+    elif scheme.zero_point == "float":
+        zero = (-lo / scale_q.float()).to(sdtype)
+        reach = torch.maximum(zero.float().abs(), (qmax - zero.float()).abs())
     else:
         zero = torch.round(-lo / scale_q.float()).clamp(0, qmax).to(torch.uint8)
         reach = torch.maximum(zero.float(), qmax - zero.float())

@@ -16,6 +16,15 @@ and dequantize as ``w = (q - z) * s``:
 - affine: ``s = (max - min) / (2**bits - 1)`` and an integer zero point
   ``z = clamp(round(-min / s), 0, 2**bits - 1)`` per group (AWQ/HQQ style).
 
+With ``zero_point="float"`` (affine only) the zero point is a real number
+stored in the scale dtype instead of a uint8 code (HQQ's solver and GGUF's
+Q4_1-style offsets need it); the formula ``w = (q - z) * s`` is unchanged.
+
+``activations="int8"`` (W8A8) additionally quantizes each input row (token)
+to symmetric int8 at run time, with a scale per row chosen on the fly; it
+needs 8-bit symmetric weights with one scale per output channel (or tensor),
+so that the matmul can run on integers.
+
 Granularity says which weights share one ``(s, z)``: the whole tensor, one
 output channel (a row of the ``[out, in]`` weight), or a group of
 ``group_size`` consecutive input columns inside a row.
@@ -25,13 +34,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Optional
 
 from lowbit.errors import SchemeError
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+ZERO_POINTS = ("int", "float")
+ACTIVATION_FORMATS = (None, "int8")
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_GROUP_SIZE = 128
 
@@ -55,6 +66,8 @@ class QuantScheme:
     granularity: Granularity = Granularity.GROUP
     group_size: Optional[int] = None  # None with granularity 'group' means DEFAULT_GROUP_SIZE
     scale_dtype: str = "float32"
+    zero_point: str = "int"  # affine only: "int" (uint8 code) or "float" (stored in scale_dtype)
+    activations: Optional[str] = None  # None (weight-only) or "int8" (dynamic per-token int8, W8A8)
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, str) and not isinstance(self.granularity, Granularity):
@@ -71,6 +84,19 @@ class QuantScheme:
             raise SchemeError(f"symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {SCALE_DTYPES}")
+        if self.zero_point not in ZERO_POINTS:
+            raise SchemeError(f"zero_point={self.zero_point!r}; use one of {ZERO_POINTS}")
+        if self.zero_point == "float" and self.symmetric:
+            raise SchemeError("zero_point='float' only applies to affine schemes; set symmetric=False")
+        if self.activations not in ACTIVATION_FORMATS:
+            raise SchemeError(f"activations={self.activations!r}; use one of {ACTIVATION_FORMATS}")
+        if self.activations == "int8" and not (
+            self.bits == 8 and self.symmetric and self.granularity is not Granularity.GROUP
+        ):
+            raise SchemeError(
+                "activations='int8' (W8A8) needs bits=8, symmetric=True and granularity 'channel' or "
+                f"'tensor' weights (got {self.bits} bits, symmetric={self.symmetric}, {self.granularity.value})"
+            )
         if self.granularity is Granularity.GROUP:
             if self.group_size is None:
                 object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
@@ -124,7 +150,7 @@ class QuantScheme:
             n_params = out_features * self.n_groups(in_features)
         # the native bit-stream layout: rows padded to a multiple of 8 codes (none at 8 bits)
         packed = out_features * (in_features if self.bits == 8 else ceil(in_features / 8) * self.bits)
-        zeros = 0 if self.symmetric else n_params  # one uint8 per group
+        zeros = 0 if self.symmetric else n_params * (1 if self.zero_point == "int" else scale_bytes)
         return packed + n_params * scale_bytes + zeros
 
     # -- names and serialisation -------------------------------------------
@@ -135,10 +161,12 @@ class QuantScheme:
             Granularity.CHANNEL: "c",
             Granularity.GROUP: f"g{self.group_size}",
         }[self.granularity]
-        return f"w{self.bits}{g}-{'sym' if self.symmetric else 'asym'}"
+        kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asymf")
+        act = "-a8" if self.activations == "int8" else ""
+        return f"w{self.bits}{g}-{kind}{act}"
 
     def with_group_size(self, group_size: int) -> "QuantScheme":
-        return QuantScheme(self.bits, self.symmetric, Granularity.GROUP, group_size, self.scale_dtype)
+        return replace(self, granularity=Granularity.GROUP, group_size=group_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +176,8 @@ class QuantScheme:
             "granularity": self.granularity.value,
             "group_size": self.group_size,
             "scale_dtype": self.scale_dtype,
+            "zero_point": self.zero_point,
+            "activations": self.activations,
         }
 
     @classmethod
@@ -158,7 +188,7 @@ class QuantScheme:
         fmt = d.pop("format", "int")
         if fmt != "int":
             raise SchemeError(f"unknown numeric format {fmt!r}; this version of lowbit knows 'int'")
-        unknown = set(d) - {"bits", "symmetric", "granularity", "group_size", "scale_dtype"}
+        unknown = set(d) - {"bits", "symmetric", "granularity", "group_size", "scale_dtype", "zero_point", "activations"}
         if unknown:
             raise SchemeError(f"unknown scheme fields {sorted(unknown)}")
         gran = d.get("granularity", "group")
@@ -205,10 +235,181 @@ class Rule:
         return re.fullmatch(self.pattern, name) is not None
 
 
+# ---------------------------------------------------------------------------
+# method specs: how codes are chosen (data only; the numerics live in lowbit.methods)
+# ---------------------------------------------------------------------------
+def _check_range(owner: str, name: str, value, lo, hi, *, integer: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not (lo <= value <= hi):
+        kind = "an integer" if integer else "a number"
+        raise SchemeError(f"{owner}.{name}={value!r}; it must be {kind} in [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round to nearest: each group's own range, no calibration data."""
+
+    name = "rtn"
+    kind = "rounding"
+    needs_calibration = False
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al. 2022): column-by-column rounding with second-order error feedback.
+
+    ``damp``: fraction of mean(diag H) added to the diagonal; ``block_size``: columns per lazy
+    batch update; ``act_order``: process columns by descending Hessian diagonal (group
+    parameters stay static, so the stored layout is unchanged); ``true_sequential``: within a
+    block, collect each stage's statistics after the earlier stages are quantized.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    true_sequential: bool = True
+    name = "gptq"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        _check_range("GPTQ", "damp", self.damp, 0.0, 1.0)
+        _check_range("GPTQ", "block_size", self.block_size, 1, 1 << 16, integer=True)
+        for f in ("act_order", "true_sequential"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"GPTQ.{f} must be True or False")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ (Lin et al. 2023): per-input-channel scales from activation magnitude, folded into the
+    preceding operation, then an optional search for per-group clipping.
+
+    ``n_grid``: exponents tried in [0, 1); ``duo_scaling``: s = x^a / w^(1-a) (else x^a);
+    ``clip``: search a shrink of each group's range; ``clip_grid``/``max_shrink``: that search;
+    ``max_tokens``: calibration tokens used by the searches (sampled with the calibration seed).
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_tokens: int = 8192
+    name = "awq"
+    kind = "transform"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        _check_range("AWQ", "n_grid", self.n_grid, 1, 1000, integer=True)
+        _check_range("AWQ", "clip_grid", self.clip_grid, 1, 1000, integer=True)
+        _check_range("AWQ", "max_shrink", self.max_shrink, 0.0, 0.99)
+        _check_range("AWQ", "max_tokens", self.max_tokens, 16, 1 << 24, integer=True)
+        for f in ("duo_scaling", "clip"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"AWQ.{f} must be True or False")
+
+
+@dataclass(frozen=True)
+class HQQ:
+    """HQQ (Badri & Shaji 2023): calibration-free refinement of zero points (and so the
+    dequantized weights) by a half-quadratic proximal solver on an l_p (p < 1) error.
+
+    Best with ``QuantScheme(symmetric=False, zero_point="float")``; with integer zero points the
+    refined zeros are rounded at the end.
+    """
+
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    name = "hqq"
+    kind = "rounding"
+    needs_calibration = False
+
+    def __post_init__(self) -> None:
+        _check_range("HQQ", "iters", self.iters, 1, 10000, integer=True)
+        _check_range("HQQ", "lp_norm", self.lp_norm, 0.01, 2.0)
+        _check_range("HQQ", "beta", self.beta, 1e-6, 1e6)
+        _check_range("HQQ", "kappa", self.kappa, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights with
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the preceding operation.
+    Meant for W8A8 schemes (``QuantScheme(bits=8, granularity="channel", activations="int8")``)."""
+
+    alpha: float = 0.5
+    name = "smoothquant"
+    kind = "transform"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        _check_range("SmoothQuant", "alpha", self.alpha, 0.0, 1.0)
+
+
+METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SmoothQuant)}
+METHODS = tuple(METHOD_SPECS)
+MethodSpec = "RTN | GPTQ | AWQ | HQQ | SmoothQuant"
+
+
+def method_to_dict(spec) -> dict[str, Any]:
+    return {"name": spec.name, **asdict(spec)}
+
+
+def method_from_dict(d: dict[str, Any]):
+    if not isinstance(d, dict) or d.get("name") not in METHOD_SPECS:
+        raise SchemeError(f"a method entry needs a 'name' in {METHODS}, got {d!r}")
+    d = dict(d)
+    cls = METHOD_SPECS[d.pop("name")]
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise SchemeError(f"unknown {cls.name} options {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def parse_method(method) -> tuple:
+    """Normalise a method to its steps: zero or more transforms, then exactly one rounding.
+
+    Accepts a name (``"gptq"``), names joined by ``+`` (``"awq+gptq"``), a spec object
+    (``GPTQ(damp=0.05)``) or a sequence of specs. A transform alone is followed by RTN.
+    """
+    if isinstance(method, str):
+        names = [n.strip() for n in method.split("+")]
+        unknown = [n for n in names if n not in METHOD_SPECS]
+        if unknown or not method:
+            raise SchemeError(f"unknown method {method!r}; use one of {METHODS}, or join them with '+' (e.g. 'awq+gptq')")
+        steps = [METHOD_SPECS[n]() for n in names]
+    elif isinstance(method, tuple(METHOD_SPECS.values())):
+        steps = [method]
+    elif isinstance(method, (list, tuple)):
+        steps = list(method)
+        for s in steps:
+            if not isinstance(s, tuple(METHOD_SPECS.values())):
+                raise SchemeError(f"method steps must be RTN/GPTQ/AWQ/HQQ/SmoothQuant objects, got {type(s).__name__}")
+    else:
+        raise SchemeError(f"method must be a name or a method spec, got {type(method).__name__}")
+    if not steps:
+        raise SchemeError("a method needs at least one step")
+    if steps[-1].kind != "rounding":
+        steps.append(RTN())
+    roundings = [s for s in steps if s.kind == "rounding"]
+    if len(roundings) != 1:
+        raise SchemeError(
+            f"method {'+'.join(s.name for s in steps)!r} has {len(roundings)} rounding steps; "
+            "use transforms (awq, smoothquant) followed by one of rtn, gptq, hqq"
+        )
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise SchemeError(f"method {'+'.join(names)!r} repeats a step")
+    return tuple(steps)
+
+
 # Output heads stay in full precision unless a rule says otherwise
 # (lm_head for Llama/GPT-2/OPT, embed_out for GPT-NeoX).
 DEFAULT_SKIP_PATTERN = r"(.*\.)?(lm_head|embed_out)"
-METHODS = ("rtn",)
 INDIVISIBLE_POLICIES = ("error", "shrink")
 
 
@@ -221,7 +422,7 @@ class Recipe:
     """
 
     rules: tuple[Rule, ...]
-    method: str = "rtn"
+    method: Any = "rtn"  # a name ("awq+gptq"), a spec (GPTQ()), or a sequence of specs
     indivisible_groups: str = "error"
     VERSION: int = field(default=1, init=False, repr=False)
 
@@ -233,8 +434,7 @@ class Recipe:
         for r in rules:
             if not isinstance(r, Rule):
                 raise SchemeError(f"recipe rules must be Rule objects, got {type(r).__name__}")
-        if self.method not in METHODS:
-            raise SchemeError(f"unknown method {self.method!r}; this version knows {METHODS}")
+        object.__setattr__(self, "method", parse_method(self.method))
         if self.indivisible_groups not in INDIVISIBLE_POLICIES:
             raise SchemeError(
                 f"indivisible_groups={self.indivisible_groups!r}; use one of {INDIVISIBLE_POLICIES}"
@@ -245,6 +445,23 @@ class Recipe:
         """One scheme for every linear layer except the skipped patterns (output heads by default)."""
         rules = tuple(Rule(p, None) for p in skip) + (Rule(".*", scheme),)
         return cls(rules=rules, **kw)
+
+    @property
+    def method_name(self) -> str:
+        """The steps joined by '+', e.g. 'awq+gptq'."""
+        return "+".join(s.name for s in self.method)
+
+    @property
+    def rounding(self):
+        return self.method[-1]
+
+    @property
+    def transforms(self) -> tuple:
+        return self.method[:-1]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(s.needs_calibration for s in self.method)
 
     def match(self, name: str) -> tuple[int, Optional[QuantScheme]]:
         """Index of the first matching rule and its scheme; SchemeError when none matches."""
@@ -274,7 +491,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.VERSION,
-            "method": self.method,
+            "method": self.method_name,
+            "method_options": [method_to_dict(m) for m in self.method],
             "indivisible_groups": self.indivisible_groups,
             "rules": [
                 {"pattern": r.pattern, "scheme": None if r.scheme is None else r.scheme.to_dict()}
@@ -301,9 +519,14 @@ class Recipe:
             )
         except (KeyError, TypeError) as e:
             raise SchemeError(f"malformed recipe rules: {e!r}; each rule needs 'pattern' and 'scheme'") from None
+        method = d.get("method", "rtn")
+        if "method_options" in d:
+            if not isinstance(d["method_options"], list):
+                raise SchemeError("recipe 'method_options' must be a list of method entries")
+            method = tuple(method_from_dict(m) for m in d["method_options"])
         return cls(
             rules=rules,
-            method=d.get("method", "rtn"),
+            method=method,
             indivisible_groups=d.get("indivisible_groups", "error"),
         )
 

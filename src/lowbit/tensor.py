@@ -6,7 +6,8 @@ Stored tensors (``N = out``, ``K = in``, ``G`` = number of scale groups):
   ``lowbit.bitstream.v1`` (``[1, ...]`` rows are still per output row; the
   per-tensor scheme only changes the scale shape);
 * ``scale``: scale dtype, ``[N, G]`` (group / channel) or ``[1, 1]`` (tensor);
-* ``zero``: uint8, same shape as ``scale``; absent for symmetric schemes.
+* ``zero``: uint8 (scale dtype for ``zero_point='float'``), same shape as ``scale``;
+  absent for symmetric schemes.
 """
 
 from __future__ import annotations

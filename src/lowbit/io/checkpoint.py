@@ -269,7 +269,7 @@ def _expected_layer_tensors(name: str, layer: dict[str, Any]) -> dict[str, tuple
     sdt = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[scheme.scale_dtype]
     want = {f"{name}.qweight": ([n, packing.packed_row_bytes(k, scheme.bits)], "U8"), f"{name}.scale": (qshape, sdt)}
     if not scheme.symmetric:
-        want[f"{name}.zero"] = (qshape, "U8")
+        want[f"{name}.zero"] = (qshape, sdt if scheme.zero_point == "float" else "U8")
     return want
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import UnsupportedModelError
 from lowbit.formats import sqnr_db
-from lowbit.methods import METHODS
+from lowbit.methods import round_weight
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Recipe
 
@@ -114,7 +114,6 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
         raise UnsupportedModelError(
             f"{type(model).__name__} has no nn.Linear or Conv1D layers to quantize"
         )
-    method = METHODS[recipe.method]
     report = QuantizationReport(recipe=recipe)
     owners = _shared_parameter_owners(model)
     for name, mod in model.named_modules():
@@ -127,7 +126,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
         out_f, in_f = weight_as_linear(mod, kind).shape
         rule_idx, _ = recipe.match(name)
         plan.append((name, mod, kind, rule_idx, recipe.scheme_for(name, in_f)))
-    for name, mod, kind, rule_idx, scheme in tqdm(plan, desc=f"quantizing ({recipe.method})", disable=not progress, unit="layer"):
+    for name, mod, kind, rule_idx, scheme in tqdm(plan, desc=f"quantizing ({recipe.method_name})", disable=not progress, unit="layer"):
         w = weight_as_linear(mod, kind)
         out_f, in_f = w.shape
         if scheme is None:
@@ -142,7 +141,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
             )
         with torch.no_grad():
             wf = w.detach().to(torch.float32)
-            qt = method(wf, scheme)
+            qt = round_weight(wf, scheme, recipe.rounding)
             err = sqnr_db(wf, qt.dequantize())
             bias = None if mod.bias is None else mod.bias.detach()
             new = QuantLinear.from_quantized(qt, bias)

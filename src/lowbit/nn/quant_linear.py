@@ -25,7 +25,7 @@ from lowbit import packing
 from lowbit.kernels import registry
 from lowbit.scheme import Granularity, QuantScheme
 from lowbit.tensor import QuantizedTensor
-from lowbit.formats import scale_torch_dtype
+from lowbit.formats import scale_torch_dtype, zero_torch_dtype
 
 
 def _identity(t: Optional[torch.Tensor]):
@@ -65,7 +65,7 @@ class QuantLinear(nn.Module):
         if scheme.symmetric:
             self.zero = None
         else:
-            self.register_buffer("zero", torch.zeros(qshape, dtype=torch.uint8, device=device))
+            self.register_buffer("zero", torch.zeros(qshape, dtype=zero_torch_dtype(scheme), device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
