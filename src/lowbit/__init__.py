@@ -10,6 +10,7 @@
 __version__ = "0.1.0"
 
 from lowbit.errors import (  # noqa: E402
+    CalibrationError,
     CheckpointError,
     DataError,
     FormatError,
@@ -23,10 +24,10 @@ from lowbit.errors import (  # noqa: E402
     TruncatedCheckpointError,
     UnsupportedModelError,
 )
-from lowbit.scheme import Granularity, QuantScheme, Recipe, Rule  # noqa: E402
+from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, Granularity, QuantScheme, Recipe, Rule, SmoothQuant  # noqa: E402
 
 
-_API = ("quantize", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest")
+_API = ("quantize", "quantize_from_disk", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest")
 
 
 def __getattr__(name):

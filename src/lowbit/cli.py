@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lowbit.errors import LowbitError, ModelSourceError, SchemeError, UnsupportedModelError
+from lowbit.errors import CalibrationError, LowbitError, ModelSourceError, SchemeError, UnsupportedModelError
 from lowbit.scheme import (
     DEFAULT_SKIP_PATTERN,
     INDIVISIBLE_POLICIES,
     INT_BITS,
     METHODS,
+    OFFLOAD,
+    PROPAGATE,
     SCALE_DTYPES,
     Granularity,
     QuantScheme,
@@ -54,6 +56,8 @@ RECIPE_FLAGS = (
     "--skip",
     "--indivisible-groups",
     "--method",
+    "--float-zero",
+    "--w8a8",
 )
 
 # The demo's two quantized rows. Neither is W4 g32 asymmetric, whose numbers
@@ -317,12 +321,16 @@ def recipe_from_args(args: argparse.Namespace, explicit: Sequence[str]) -> Recip
     group_size = args.group_size
     if args.granularity != Granularity.GROUP.value and "--group-size" not in explicit:
         group_size = None  # the default group size does not apply to tensor/channel scales
+    if args.float_zero and not args.asym:
+        raise SchemeError("--float-zero applies to affine schemes; add --asym")
     scheme = QuantScheme(
         bits=args.bits,
         symmetric=not args.asym,
         granularity=args.granularity,
         group_size=group_size,
         scale_dtype=args.scale_dtype,
+        zero_point="float" if args.float_zero else "int",
+        activations="int8" if args.w8a8 else None,
     )
     rules = [Rule(DEFAULT_SKIP_PATTERN, None)] + [Rule(p, None) for p in args.skip or ()] + [Rule(".*", scheme)]
     return Recipe(rules=tuple(rules), method=args.method, indivisible_groups=args.indivisible_groups)
@@ -340,29 +348,50 @@ def _rule_text(rule: dict) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import lowbit
 
+    from lowbit.model.walker import WalkOptions
+
     recipe = recipe_from_args(args, args._explicit)
     progress = not args.no_progress
+    options = WalkOptions(batch_size=args.calib_batch_size, propagate=args.propagate, offload=args.offload)
     t0 = time.perf_counter()
-    model, _ = _load_source(args.source, progress)
-    t_load = time.perf_counter() - t0
-    t1 = time.perf_counter()
     try:
-        report = lowbit.quantize(model, recipe, progress=progress)
+        if args.stream:
+            if not Path(args.source).expanduser().is_dir():
+                raise ModelSourceError("--stream reads a Hugging Face safetensors directory; SOURCE is not a directory")
+            calib = None if args.calib is None else args.calib
+            if calib == "data-free":
+                raise CalibrationError("--stream cannot sample data-free calibration (that needs the whole model); pass --calib PATH")
+            t_load = 0.0
+            report = lowbit.quantize_from_disk(
+                args.source, recipe, args.output, calibration=calib, n_samples=args.calib_samples,
+                seqlen=args.calib_seqlen, seed=args.calib_seed, options=options, progress=progress,
+            )
+            model = None
+        else:
+            model, tok = _load_source(args.source, progress)
+            t_load = time.perf_counter() - t0
+            calibration = _calibration_from_args(args, model, tok, recipe, progress)
+            report = lowbit.quantize(model, recipe, calibration=calibration, options=options, progress=progress)
     except SchemeError as e:
         if recipe.indivisible_groups == "error" and "indivisible_groups" in str(e):
             raise SchemeError(f"{e}. On the command line: pass --indivisible-groups shrink, or a --group-size "
                               "that divides every layer") from None
         raise
-    lowbit.save(model, args.output)
-    t_quant = time.perf_counter() - t1
+    if model is not None:
+        lowbit.save(model, args.output)
+    t_quant = time.perf_counter() - t0 - t_load
     size = Path(args.output).stat().st_size
 
     counts: dict[str, int] = {}
     for r in report.layers:
         short = QuantScheme.from_dict(r.scheme).short_name
         counts[short] = counts.get(short, 0) + 1
-    _out(f"model:    {getattr(model.config, 'lowbit_source', args.source)}")
+    _out(f"model:    {args.source if model is None else getattr(model.config, 'lowbit_source', args.source)}")
     _out(f"recipe:   method {recipe.method_name}, indivisible_groups={recipe.indivisible_groups!r}")
+    if report.calibration is not None:
+        c = report.calibration
+        _out(f"calibration: {c.get('n_samples')} x {c.get('seqlen')} tokens, {c.get('source')}"
+             + (f", seed {c['seed']}" if "seed" in c else ""))
     for i, rule in enumerate(recipe.to_dict()["rules"]):
         _out(f"  rule {i}: {_rule_text(rule)}")
     _out(f"quantized {len(report.layers)} linear layers: {_scheme_label(counts) if counts else '-'}")
@@ -382,6 +411,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _out(f"checkpoint:      {args.output} ({size} bytes, {_mb(size)} MB)")
     _out(f"time:            {t_quant:.1f} s to quantize and save (+ {t_load:.1f} s to load the model)")
     return 0
+
+
+def _calibration_from_args(args, model, tokenizer, recipe, progress):
+    """The calibration data the flags describe (None when the method needs none)."""
+    from lowbit.calibration import from_texts, sample_from_model
+
+    if not recipe.needs_calibration:
+        if args.calib is not None:
+            _out(f"note: method {recipe.method_name!r} uses no calibration data; --calib is ignored")
+        return None
+    if args.calib is None:
+        raise CalibrationError(
+            f"method {recipe.method_name!r} needs calibration data: pass --calib PATH (a text or jsonl file, "
+            "or a folder of them) or --calib data-free (sampled from the model itself)"
+        )
+    with _busy("preparing calibration data", progress):
+        if args.calib == "data-free":
+            bos = getattr(model.config, "bos_token_id", None)
+            return sample_from_model(
+                model, bos_token_id=bos, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.calib_seed
+            )
+        return from_texts(
+            args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen,
+            seed=args.calib_seed, text_field=args.text_field,
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -756,7 +810,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", metavar="FILE.json",
                    help="a Recipe JSON (Recipe.to_json()) with ordered rules; cannot be combined with the scheme flags "
                         + ", ".join(RECIPE_FLAGS))
-    q.add_argument("--method", choices=METHODS, default="rtn", help="how codes are chosen (rtn: round to nearest)")
+    q.add_argument("--method", default="rtn", metavar="METHOD",
+                   help=f"how codes are chosen: one of {', '.join(METHODS)}, or transforms joined with a rounding "
+                        "by '+', e.g. awq+gptq, smoothquant+rtn (default: rtn, round to nearest)")
+    q.add_argument("--float-zero", action="store_true",
+                   help="with --asym: store a real-valued zero point per group (HQQ, Q4_1-style) instead of an integer")
+    q.add_argument("--w8a8", action="store_true",
+                   help="also quantize activations to int8 per token at run time (needs --bits 8 --granularity channel)")
+    cg = q.add_argument_group("calibration (gptq, awq, smoothquant)")
+    cg.add_argument("--calib", metavar="PATH|data-free", default=None,
+                    help="calibration text: a text/jsonl file or a folder of them, or 'data-free' to sample "
+                         "windows from the full-precision model itself")
+    cg.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
+    cg.add_argument("--calib-seqlen", type=int, default=2048, metavar="L", help="tokens per window (default 2048)")
+    cg.add_argument("--calib-seed", type=int, default=0, help="seed of the window sampling")
+    cg.add_argument("--text-field", default="text", help="the field holding the text in jsonl files")
+    cg.add_argument("--calib-batch-size", type=int, default=8, metavar="B", help="windows per forward pass")
+    cg.add_argument("--propagate", choices=PROPAGATE, default="quantized",
+                    help="what the next block sees: the quantized block's outputs (default) or full-precision ones")
+    cg.add_argument("--offload", choices=OFFLOAD, default="memory",
+                    help="keep calibration activations in memory or spill them to disk")
+    cg.add_argument("--stream", action="store_true",
+                    help="SOURCE is a Hugging Face safetensors directory: read and quantize it block by block "
+                         "without loading the whole model")
 
     # -- eval ---------------------------------------------------------------
     e = add("eval", "perplexity, KL divergence and top-1 agreement (and speed) of a model",

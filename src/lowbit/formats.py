@@ -128,13 +128,20 @@ def _zero_f32(qp: QParams, scheme: QuantScheme) -> torch.Tensor:
     return qp.zero.to(torch.float32)
 
 
-def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme) -> torch.Tensor:
-    """Integer codes (uint8, same shape as ``w``) for the given qparams."""
-    _check_finite(w)
+def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme, *, check_finite: bool = True) -> torch.Tensor:
+    """Integer codes (uint8, same shape as ``w``) for the given qparams.
+
+    ``check_finite=False`` skips the NaN/Inf scan, for callers (GPTQ's column loop) that
+    checked the whole weight once already."""
+    if check_finite:
+        _check_finite(w)
     g = _grouped(w.detach().to(torch.float32), scheme)
     s = qp.scale.float().unsqueeze(-1)
     z = _zero_f32(qp, scheme).unsqueeze(-1)
-    q = torch.round(g / s) + z
+    if scheme.zero_point == "float" and qp.zero is not None:
+        q = torch.round(g / s + z)  # z is not an integer: round after the shift
+    else:
+        q = torch.round(g / s) + z  # integer z: shift after rounding (exact)
     return q.clamp_(0, scheme.qmax).to(torch.uint8).reshape(w.shape)
 
 
@@ -178,3 +185,43 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if float(noise) == 0.0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+# ---------------------------------------------------------------------------
+# W8A8 activations: dynamic symmetric int8, one scale per row (token)
+# ---------------------------------------------------------------------------
+ACT_INT8_MAX = 127  # the grid is -127..127 (symmetric; -128 is never used)
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row int8 quantization of activations ``x [..., K]`` (the ``activations="int8"`` scheme).
+
+    Returns ``q`` int8 ``[..., K]`` and ``scale`` float32 ``[..., 1]`` with
+    ``x ~= q * scale``: ``scale = amax(|x_row|) / 127`` (a row of zeros gets scale 1),
+    ``q = clamp(round(x / scale), -127, 127)`` computed in float32 (round half to even).
+    A row whose amax is so small that ``amax / 127`` underflows float32's normal range
+    uses the smallest normal scale instead. Raises ``FormatError`` on NaN/Inf activations.
+    """
+    if not x.is_floating_point():
+        raise FormatError(f"activations must be floating point, got {x.dtype}")
+    xf = x.detach().to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] > 0 else xf.new_zeros(*xf.shape[:-1], 1)
+    if amax.numel() and not bool(torch.isfinite(amax).all()):
+        raise FormatError(
+            "activations contain NaN/Inf values; int8 activation quantization needs finite inputs "
+            "(check the model's inputs or the layers before this one)"
+        )
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / ACT_INT8_MAX).clamp(min=tiny))
+    q = torch.round(xf / scale).clamp_(-ACT_INT8_MAX, ACT_INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def fake_quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` of ``quantize_activations_int8(x)``, computed in float32, returned in ``x``'s dtype.
+
+    No gradient flows through it (the rounding is piecewise constant): it is the
+    inference-time numerics that the reference kernels apply to W8A8 layers.
+    """
+    q, scale = quantize_activations_int8(x)
+    return (q.to(torch.float32) * scale).to(x.dtype)

@@ -411,6 +411,9 @@ def parse_method(method) -> tuple:
 # (lm_head for Llama/GPT-2/OPT, embed_out for GPT-NeoX).
 DEFAULT_SKIP_PATTERN = r"(.*\.)?(lm_head|embed_out)"
 INDIVISIBLE_POLICIES = ("error", "shrink")
+# calibration walk options (lowbit.model.walker.WalkOptions)
+PROPAGATE = ("quantized", "full_precision")
+OFFLOAD = ("memory", "disk")
 
 
 @dataclass(frozen=True)

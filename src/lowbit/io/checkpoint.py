@@ -114,6 +114,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         "layers": layers,
         "skipped": [] if report is None else [vars(s) for s in report.skipped],
         "notes": [] if report is None else list(report.notes),
+        "calibration": None if report is None else report.calibration,
         "tensors": {k: {"shape": list(v.shape), "dtype": _ST_DTYPES[v.dtype]} for k, v in tensors.items()},
         "aliases": aliases,
     }
@@ -358,6 +359,8 @@ def _check_manifest_types(path, manifest: dict[str, Any]) -> None:
         raise bad(f"'skipped' must be a list of objects with the fields {sorted(SkipRecord.__dataclass_fields__)}")
     if not isinstance(manifest.get("notes", []), list):
         raise bad("'notes' must be a list")
+    if not isinstance(manifest.get("calibration"), (dict, type(None))):
+        raise bad("'calibration' must be an object or null")
     recipe = manifest.get("recipe")
     if recipe is not None:
         try:
@@ -466,6 +469,7 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         report = QuantizationReport(recipe=Recipe.from_dict(recipe))
         report.skipped = [SkipRecord(**s) for s in manifest.get("skipped", [])]
         report.notes = list(manifest.get("notes", []))
+        report.calibration = manifest.get("calibration")
         model.lowbit_report = report
     model.lowbit_manifest = manifest
     model.eval()

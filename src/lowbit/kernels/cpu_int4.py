@@ -28,6 +28,12 @@ when ``8 - z`` is 0 or a power of two (in particular for symmetric schemes,
 rounded with error <= 2**-8 * |s * (8 - z)| <= s / 32 (1/32 of a quantization
 step, the same for every weight of the group). The tests bound this.
 
+A float zero point (``zero_point="float"``, any real ``z``) takes the same path:
+``8 - z`` and the product are then also rounded in fp32 (relative error
+<= 2**-23 together), so the float zero is within ``(2**-8 + 2**-23) * |s * (8 - z)|``
+of exact; ``|8 - z|`` is no longer bounded by 8 (``z`` may lie outside [0, 15]).
+``tests/test_float_zero.py`` checks this bound.
+
 Scheme group sizes that are multiples of 32 (including per-channel, group =
 K) are run with the largest op group size in {256, 128, 64, 32} dividing them,
 repeating each scale/zero over its sub-groups: exact, costs only scale memory.

@@ -14,6 +14,12 @@ Asking for a kernel by name that cannot run a layer raises ``KernelError``
 Every fast kernel has the reference kernel (dequantize, then ``F.linear``) as
 its twin; ``tests/test_kernels_registry.py`` pins each pair together on real
 ``QuantLinear`` layers.
+
+Every kernel honours ``layer.scheme.activations``: for W8A8 schemes
+(``activations="int8"``) ``reference`` and ``dequantized`` first apply
+``formats.fake_quantize_activations_int8`` to the input, ``cpu_w8a8`` runs the
+same numerics on integers, and the weight-only kernels (``cpu_int4``,
+``cpu_int8``) report such layers as unsupported.
 """
 
 from __future__ import annotations
@@ -65,9 +71,18 @@ def _ref_supports(layer) -> tuple[bool, str]:
     return True, ""
 
 
+def _activations(layer, x: torch.Tensor) -> torch.Tensor:
+    """The activations the layer's scheme sees: fake-quantized per row for W8A8 schemes."""
+    if layer.scheme.activations == "int8":
+        from lowbit.formats import fake_quantize_activations_int8
+
+        return fake_quantize_activations_int8(x)
+    return x
+
+
 def _ref_run(layer, state, x: torch.Tensor) -> torch.Tensor:
     w = layer.quantized_tensor().dequantize(torch.float32).to(x.dtype)
-    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+    return F.linear(_activations(layer, x), w, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def _dequantized_prepare(layer) -> torch.Tensor:
@@ -75,7 +90,16 @@ def _dequantized_prepare(layer) -> torch.Tensor:
 
 
 def _dequantized_run(layer, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+    return F.linear(_activations(layer, x), w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def _weight_only(layer, kernel: str) -> tuple[bool, str]:
+    if layer.scheme.activations is not None:
+        return False, (
+            f"{kernel} is a weight-only kernel and cannot quantize activations "
+            f"(scheme activations={layer.scheme.activations!r}); use cpu_w8a8 or reference"
+        )
+    return True, ""
 
 
 # -- CPU int4 (torch.ops.aten._weight_int4pack_mm_for_cpu) -------------------
@@ -97,6 +121,9 @@ def _scheme_group(layer) -> int:
 def _int4_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_int4
 
+    ok, why = _weight_only(layer, "cpu_int4")
+    if not ok:
+        return ok, why
     if layer.scale.device.type != "cpu":
         return False, "cpu_int4 runs on CPU tensors only"
     return cpu_int4.int4_supported(layer.out_features, layer.in_features, _scheme_group(layer), layer.scheme.bits)
@@ -120,6 +147,9 @@ def _int8_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_int8
 
     s = layer.scheme
+    ok, why = _weight_only(layer, "cpu_int8")
+    if not ok:
+        return ok, why
     if s.granularity is Granularity.GROUP:
         return False, "cpu_int8 needs one scale per output channel (granularity 'channel' or 'tensor')"
     if layer.scale.device.type != "cpu":
@@ -141,6 +171,36 @@ def _int8_run(layer, state, x):
     return cpu_int8.int8_linear(x, state, layer.bias)
 
 
+# -- CPU W8A8 (torch._int_mm on int8 activations and weights) ---------------
+def _w8a8_supports(layer) -> tuple[bool, str]:
+    from lowbit.kernels import cpu_w8a8
+
+    s = layer.scheme
+    if layer.scale.device.type != "cpu":
+        return False, "cpu_w8a8 runs on CPU tensors only"
+    return cpu_w8a8.w8a8_supported(
+        layer.out_features,
+        layer.in_features,
+        s.bits,
+        s.symmetric,
+        s.granularity is not Granularity.GROUP,
+        s.activations,
+    )
+
+
+def _w8a8_prepare(layer):
+    from lowbit.kernels import cpu_w8a8
+
+    scale, _ = _per_row_qparams(layer)
+    return cpu_w8a8.prepack_w8a8(layer.quantized_tensor().codes(), scale)
+
+
+def _w8a8_run(layer, state, x):
+    from lowbit.kernels import cpu_w8a8
+
+    return cpu_w8a8.w8a8_linear(x, state, layer.bias)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -151,6 +211,8 @@ KERNELS: dict[str, Kernel] = {
         Kernel("dequantized", _ref_supports, _dequantized_prepare, _dequantized_run, priority=-1),
         Kernel("cpu_int4", _int4_supports, _int4_prepare, _int4_run, priority=10),
         Kernel("cpu_int8", _int8_supports, _int8_prepare, _int8_run, priority=10),
+        # W8A8 layers only (the weight-only kernels above refuse them, so "auto" lands here)
+        Kernel("cpu_w8a8", _w8a8_supports, _w8a8_prepare, _w8a8_run, priority=20),
     )
 }
 

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.errors import UnsupportedModelError
+from lowbit.errors import CalibrationError, UnsupportedModelError
 from lowbit.formats import sqnr_db
 from lowbit.methods import round_weight
 from lowbit.nn import QuantLinear
-from lowbit.scheme import Recipe
+from lowbit.scheme import QuantScheme, Recipe
+from lowbit.tensor import QuantizedTensor
 
 try:  # transformers is a dependency, but the swap works without it
     from transformers.pytorch_utils import Conv1D as _Conv1D
@@ -52,10 +53,12 @@ class QuantizationReport:
     layers: list[LayerRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    calibration: Optional[dict] = None  # what the calibration data was (None: no calibration)
 
     def to_dict(self) -> dict:
         return {
             "recipe": self.recipe.to_dict(),
+            "calibration": self.calibration,
             "layers": [asdict(r) for r in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
@@ -92,7 +95,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _shared_parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+def shared_parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False):
@@ -100,8 +103,16 @@ def _shared_parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> QuantizationReport:
-    """Quantize every linear layer of ``model`` in place as ``recipe`` says."""
+@dataclass
+class PlannedLayer:
+    name: str
+    module: nn.Module
+    kind: str  # "Linear" or "Conv1D"
+    rule: int
+    scheme: Optional[QuantScheme]  # None: keep full precision
+
+
+def check_quantizable(model: nn.Module) -> None:
     if isinstance(model, QuantLinear) or linear_kind(model) is not None:
         raise UnsupportedModelError("quantize a model that *contains* linear layers, not a bare layer")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -109,52 +120,86 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -
             "the model already holds QuantLinear layers; quantize a fresh full-precision copy "
             "(lowbit.load_pretrained) rather than re-quantizing quantized weights"
         )
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> list[PlannedLayer]:
+    """Every linear layer with the scheme the recipe gives it, resolved before any weight is
+    touched: a recipe error must leave the model exactly as it was, never half quantized."""
+    check_quantizable(model)
     linears = list(iter_linears(model))
     if not linears:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no nn.Linear or Conv1D layers to quantize"
-        )
-    report = QuantizationReport(recipe=recipe)
-    owners = _shared_parameter_owners(model)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Embedding):
-            report.skipped.append(SkipRecord(name, "embedding: kept in full precision (not a linear layer)"))
-    # Resolve every layer's scheme before touching any weight: a recipe error must
-    # leave the model exactly as it was, never half quantized.
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear or Conv1D layers to quantize")
     plan = []
     for name, mod, kind in linears:
         out_f, in_f = weight_as_linear(mod, kind).shape
         rule_idx, _ = recipe.match(name)
-        plan.append((name, mod, kind, rule_idx, recipe.scheme_for(name, in_f)))
-    for name, mod, kind, rule_idx, scheme in tqdm(plan, desc=f"quantizing ({recipe.method_name})", disable=not progress, unit="layer"):
-        w = weight_as_linear(mod, kind)
-        out_f, in_f = w.shape
-        if scheme is None:
-            report.skipped.append(
-                SkipRecord(name, f"recipe rule {rule_idx} ({recipe.rules[rule_idx].pattern!r}) keeps full precision")
-            )
-            continue
-        if scheme.granularity.value == "group" and scheme != recipe.rules[rule_idx].scheme:
+        plan.append(PlannedLayer(name, mod, kind, rule_idx, recipe.scheme_for(name, in_f)))
+    return plan
+
+
+def start_report(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer]) -> QuantizationReport:
+    report = QuantizationReport(recipe=recipe)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            report.skipped.append(SkipRecord(name, "embedding: kept in full precision (not a linear layer)"))
+    for p in plan:
+        if p.scheme is None:
+            pattern = recipe.rules[p.rule].pattern
+            report.skipped.append(SkipRecord(p.name, f"recipe rule {p.rule} ({pattern!r}) keeps full precision"))
+        elif p.scheme.granularity.value == "group" and p.scheme != recipe.rules[p.rule].scheme:
             report.notes.append(
-                f"{name}: group_size {recipe.rules[rule_idx].scheme.group_size} does not divide "
-                f"in_features={in_f}; used group_size {scheme.group_size} (indivisible_groups='shrink')"
+                f"{p.name}: group_size {recipe.rules[p.rule].scheme.group_size} does not divide "
+                f"in_features={weight_as_linear(p.module, p.kind).shape[1]}; used group_size "
+                f"{p.scheme.group_size} (indivisible_groups='shrink')"
             )
-        with torch.no_grad():
-            wf = w.detach().to(torch.float32)
-            qt = round_weight(wf, scheme, recipe.rounding)
-            err = sqnr_db(wf, qt.dequantize())
-            bias = None if mod.bias is None else mod.bias.detach()
-            new = QuantLinear.from_quantized(qt, bias)
-        sharers = [o for o in owners.get(id(mod.weight), []) if not o.startswith(name + ".")]
-        if sharers:
-            report.notes.append(
-                f"{name}: weight was shared with {sharers}; those keep the full-precision tensor"
-            )
-            config = getattr(model, "config", None)
-            if config is not None and getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
-        set_submodule(model, name, new)
-        report.layers.append(
-            LayerRecord(name, kind, in_f, out_f, scheme.to_dict(), rule_idx, qt.nbytes, qt.bits_per_weight, err)
+    return report
+
+
+def install_quantized(
+    model: nn.Module,
+    layer: PlannedLayer,
+    qt: QuantizedTensor,
+    reference: torch.Tensor,
+    report: QuantizationReport,
+    owners: dict[int, list[str]],
+) -> None:
+    """Swap ``layer`` for a QuantLinear holding ``qt``; ``reference`` is the [out, in] weight the
+    SQNR in the report is measured against."""
+    mod, name = layer.module, layer.name
+    with torch.no_grad():
+        err = sqnr_db(reference, qt.dequantize())
+        bias = None if mod.bias is None else mod.bias.detach()
+        new = QuantLinear.from_quantized(qt, bias)
+    sharers = [o for o in owners.get(id(mod.weight), []) if not o.startswith(name + ".")]
+    if sharers:
+        report.notes.append(f"{name}: weight was shared with {sharers}; those keep the full-precision tensor")
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    set_submodule(model, name, new)
+    out_f, in_f = qt.shape
+    report.layers.append(
+        LayerRecord(
+            name, layer.kind, in_f, out_f, layer.scheme.to_dict(), layer.rule, qt.nbytes, qt.bits_per_weight, err
         )
+    )
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> QuantizationReport:
+    """Quantize every linear layer of ``model`` in place, without calibration data
+    (rounding methods that need none: RTN, HQQ)."""
+    if recipe.needs_calibration:
+        raise CalibrationError(
+            f"method {recipe.method_name!r} needs calibration data; pass calibration=... to lowbit.quantize "
+            "(lowbit.calibration.from_texts(...), or 'data-free' to sample it from the model)"
+        )
+    plan = plan_layers(model, recipe)
+    report = start_report(model, recipe, plan)
+    owners = shared_parameter_owners(model)
+    todo = [p for p in plan if p.scheme is not None]
+    for layer in tqdm(todo, desc=f"quantizing ({recipe.method_name})", disable=not progress, unit="layer"):
+        with torch.no_grad():
+            wf = weight_as_linear(layer.module, layer.kind).detach().to(torch.float32)
+            qt = round_weight(wf, layer.scheme, recipe.rounding)
+        install_quantized(model, layer, qt, wf, report, owners)
     return report

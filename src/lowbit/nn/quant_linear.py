@@ -4,7 +4,7 @@ State dict (``N = out_features``, ``K = in_features``, ``G`` scale groups):
 
 * ``qweight``: uint8 ``[N, packed_row_bytes(K, bits)]`` (layout ``lowbit.bitstream.v1``)
 * ``scale``: scale dtype ``[N, G]`` (``[1, 1]`` per tensor)
-* ``zero``: uint8 ``[N, G]`` (affine schemes only)
+* ``zero``: uint8 ``[N, G]`` (affine schemes only; the scale dtype for ``zero_point='float'``)
 * ``bias``: ``[N]`` in the model's dtype (when the source layer had one)
 
 It computes ``y = x W^T + b`` like ``nn.Linear``; a GPT-2 ``Conv1D`` (weight

@@ -1,0 +1,174 @@
+"""Running statistics of a linear layer's inputs, accumulated batch by batch.
+
+Both accumulators take activations ``x`` of shape ``[..., in_features]`` (any
+float dtype, any device; every leading dimension is a token) and keep their
+state in float32 on the device of the first batch:
+
+* ``HessianAccumulator``: ``H = (2 / n) * sum_t x_t x_t^T``, ``[in, in]``,
+  the Hessian of the layer's squared reconstruction error (GPTQ);
+* ``ChannelStats``: per input channel, the mean of ``|x|`` (AWQ) and the max
+  of ``|x|`` (SmoothQuant), each ``[in]``.
+
+Tokens are processed ``chunk_rows`` rows at a time, so the float32 temporary
+is at most ``[chunk_rows, in]`` whatever the batch size. A batch holding
+NaN/Inf, or with the wrong last dimension, raises ``CalibrationError`` before
+any state changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lowbit.errors import CalibrationError
+
+DEFAULT_CHUNK_ROWS = 4096
+
+_NO_TOKENS = (
+    "layer saw no calibration tokens; check that the hook is attached to a module the model "
+    "actually runs, and that the calibration data is not empty"
+)
+
+
+def _as_rows(x: torch.Tensor, in_features: int, what: str) -> torch.Tensor:
+    """``x`` ``[..., in]`` viewed (or copied, if not viewable) as ``[n_tokens, in]``; validated."""
+    if not isinstance(x, torch.Tensor):
+        raise CalibrationError(f"{what}: activations must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise CalibrationError(
+            f"{what}: activations must be a floating-point tensor, got {x.dtype}; "
+            "pass the layer's input, not token ids"
+        )
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise CalibrationError(
+            f"{what}: activations of shape {tuple(x.shape)} do not end in in_features={in_features}; "
+            "attach the accumulator to the input of a linear layer with that many input features"
+        )
+    rows = x.detach().reshape(-1, in_features)
+    finite = torch.isfinite(rows)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise CalibrationError(
+            f"{what}: calibration activations contain {bad} NaN/Inf value(s) (of {rows.numel()}); "
+            "the full-precision model overflows on this text: run calibration in float32 or "
+            "bfloat16 rather than float16, or check the model weights and the calibration data"
+        )
+    return rows
+
+
+class HessianAccumulator:
+    """Running ``H = (2 / n) * sum_t x_t x_t^T`` over all ``n`` token rows seen so far.
+
+    ``H``: float32 ``[in_features, in_features]``, on the device of the first batch.
+    Each chunk of ``m`` new rows rescales the old average by ``n / (n + m)`` and adds
+    ``(2 / (n + m)) * X_chunk^T X_chunk`` (the GPTQ reference's update), so ``H`` is
+    always the exact average and never a large sum.
+    """
+
+    def __init__(self, in_features: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, name: Optional[str] = None) -> None:
+        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+            raise CalibrationError(f"in_features must be a positive integer, got {in_features!r}")
+        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+            raise CalibrationError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.in_features = in_features
+        self.chunk_rows = chunk_rows
+        self.name = name  # the layer's name, for error messages only
+        self._n = 0
+        self._h: Optional[torch.Tensor] = None  # float32 [in, in], allocated by the first batch
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add the token rows of ``x`` ``[..., in_features]`` (any float dtype)."""
+        rows = _as_rows(x, self.in_features, self._what())
+        if rows.shape[0] == 0:
+            return
+        if self._h is None:
+            self._h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], self.chunk_rows):
+            chunk = rows[start : start + self.chunk_rows].to(device=self._h.device, dtype=torch.float32)
+            n_new = self._n + chunk.shape[0]
+            self._h.mul_(self._n / n_new)
+            self._h.addmm_(chunk.T, chunk, alpha=2.0 / n_new)
+            self._n = n_new
+            del chunk
+
+    @property
+    def n_tokens(self) -> int:
+        """Token rows accumulated so far."""
+        return self._n
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """float32 ``[in_features, in_features]``, the accumulator's own storage (do not modify it)."""
+        if self._h is None or self._n == 0:
+            raise CalibrationError(f"{self._what()}: {_NO_TOKENS}")
+        return self._h
+
+    def _what(self) -> str:
+        return f"layer {self.name!r} (Hessian)" if self.name else f"HessianAccumulator(in_features={self.in_features})"
+
+    def __repr__(self) -> str:
+        return f"HessianAccumulator(in_features={self.in_features}, n_tokens={self._n})"
+
+
+class ChannelStats:
+    """Per-input-channel magnitude of the activations.
+
+    ``abs_mean``: float32 ``[in_features]``, mean over all tokens of ``|x|``;
+    ``abs_max``: float32 ``[in_features]``, max over all tokens of ``|x|``.
+    """
+
+    def __init__(self, in_features: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, name: Optional[str] = None) -> None:
+        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+            raise CalibrationError(f"in_features must be a positive integer, got {in_features!r}")
+        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+            raise CalibrationError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.in_features = in_features
+        self.chunk_rows = chunk_rows
+        self.name = name  # the layer's name, for error messages only
+        self._n = 0
+        self._mean: Optional[torch.Tensor] = None  # float32 [in]
+        self._max: Optional[torch.Tensor] = None  # float32 [in]
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add the token rows of ``x`` ``[..., in_features]`` (any float dtype)."""
+        rows = _as_rows(x, self.in_features, self._what())
+        if rows.shape[0] == 0:
+            return
+        if self._mean is None:
+            self._mean = torch.zeros(self.in_features, dtype=torch.float32, device=rows.device)
+            self._max = torch.zeros(self.in_features, dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], self.chunk_rows):
+            a = rows[start : start + self.chunk_rows].to(device=self._mean.device, dtype=torch.float32).abs()
+            n_new = self._n + a.shape[0]
+            self._mean.mul_(self._n / n_new).add_(a.sum(dim=0), alpha=1.0 / n_new)
+            torch.maximum(self._max, a.amax(dim=0), out=self._max)
+            self._n = n_new
+            del a
+
+    @property
+    def n_tokens(self) -> int:
+        """Token rows accumulated so far."""
+        return self._n
+
+    def _check(self) -> None:
+        if self._n == 0:
+            raise CalibrationError(f"{self._what()}: {_NO_TOKENS}")
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """float32 ``[in_features]``: mean of ``|x|`` per input channel."""
+        self._check()
+        return self._mean
+
+    @property
+    def abs_max(self) -> torch.Tensor:
+        """float32 ``[in_features]``: max of ``|x|`` per input channel."""
+        self._check()
+        return self._max
+
+    def _what(self) -> str:
+        return f"layer {self.name!r} (channel stats)" if self.name else f"ChannelStats(in_features={self.in_features})"
+
+    def __repr__(self) -> str:
+        return f"ChannelStats(in_features={self.in_features}, n_tokens={self._n})"
