@@ -15,11 +15,14 @@ divides the layer (down_proj, 1536 wide) and group 64 on the 576-wide layers
 (``indivisible_groups="shrink"``; every method gets the same groups).
 
     .venv/bin/python benchmarks/calibration.py run --out benchmarks/results/calibration \
-        --windows 40 --window-len 2048 --calib-samples 128 --calib-seqlen 512 [--configs ...]
+        --windows 40 --window-len 2048 --calib-samples 32 --calib-seqlen 512 [--configs ...] \
+        [--reference-python /tmp/refvenv/bin/python]
 
-``--reference DIR`` adds fp32 model directories written by ``benchmarks/reference_gptq.py``
-(another tool's GPTQ, dequantized), evaluated the same way; their time and RSS come from the
-JSON the reference script wrote beside them.
+``--reference-python /tmp/refvenv/bin/python`` (made by ``benchmarks/setup_reference_venv.sh``)
+also runs llm-compressor's GPTQ (``benchmarks/reference_gptq.py``) in the same run, on the same
+calibration windows and schemes (``--reference-schemes``), and scores its dequantized output the
+same way; its time and RSS come from the JSON it writes. The fp32 Hugging Face directory it
+reads is written once from the GGUF (``export_hf``).
 """
 
 from __future__ import annotations
@@ -50,15 +53,40 @@ SCHEMES = {
     "W8A8": dict(bits=8, granularity="channel", activations="int8"),
 }
 
-# name -> (method, scheme, calibration kind)
+# AWQ's searches run on 4096 calibration tokens here (the default is 8192) to fit the
+# benchmark into a session on 2 cores; GPTQ uses all calibration windows.
+AWQ_BENCH = "awq(max_tokens=4096)"
+
+
+def _method(name: str):
+    from lowbit.scheme import AWQ, parse_method
+
+    steps = []
+    for part in name.split("+"):
+        steps.append(AWQ(max_tokens=4096) if part == AWQ_BENCH else parse_method(part)[0])
+    return tuple(steps)
+
+
+# name -> (method, scheme, calibration kind); the default run is the first block (in order)
 CONFIGS = {}
-for _s in ("W4 g128 sym", "W4 g128 asym", "W3 g128 asym", "W2 g64 asym"):
-    for _m in ("rtn", "gptq", "awq", "awq+gptq"):
-        CONFIGS[f"{_m} {_s}"] = (_m, _s, "text")
+for _s in ("W4 g128 asym", "W3 g128 asym"):
+    CONFIGS[f"rtn {_s}"] = ("rtn", _s, "text")
+    CONFIGS[f"gptq {_s}"] = ("gptq", _s, "text")
+    CONFIGS[f"awq {_s}"] = (AWQ_BENCH, _s, "text")
+    if _s.startswith("W4"):
+        CONFIGS[f"awq+gptq {_s}"] = (f"{AWQ_BENCH}+gptq", _s, "text")
+    CONFIGS[f"hqq {_s}f"] = ("hqq", _s + "f", "text")
+    if _s.startswith("W4"):
+        CONFIGS["gptq W4 g128 asym [data-free]"] = ("gptq", "W4 g128 asym", "data-free")
+DEFAULT_CONFIGS = list(CONFIGS)
+# further configurations (run them with --configs)
+CONFIGS["awq+gptq W3 g128 asym"] = (f"{AWQ_BENCH}+gptq", "W3 g128 asym", "text")
+for _s in ("W4 g128 sym", "W2 g64 asym"):
+    for _m in ("rtn", "gptq", AWQ_BENCH, f"{AWQ_BENCH}+gptq"):
+        CONFIGS[f"{_m.replace(AWQ_BENCH, 'awq')} {_s}"] = (_m, _s, "text")
 for _s in ("W4 g128 asymf", "W3 g128 asymf", "W2 g64 asymf"):
     CONFIGS[f"rtn {_s}"] = ("rtn", _s, "text")
-    CONFIGS[f"hqq {_s}"] = ("hqq", _s, "text")
-CONFIGS["gptq W4 g128 asym [data-free]"] = ("gptq", "W4 g128 asym", "data-free")
+CONFIGS["hqq W2 g64 asymf"] = ("hqq", "W2 g64 asymf", "text")
 CONFIGS["gptq W3 g128 asym [data-free]"] = ("gptq", "W3 g128 asym", "data-free")
 CONFIGS["rtn W8A8"] = ("rtn", "W8A8", "text")
 CONFIGS["smoothquant W8A8"] = ("smoothquant", "W8A8", "text")
@@ -96,7 +124,7 @@ def cmd_quantize(args) -> None:
     out = pathlib.Path(args.out)
     model, tok = lowbit.load_pretrained("default")
     rss_loaded = _peak_rss()
-    recipe = Recipe.uniform(QuantScheme(**SCHEMES[scheme_name]), method=method, indivisible_groups="shrink")
+    recipe = Recipe.uniform(QuantScheme(**SCHEMES[scheme_name]), method=_method(method), indivisible_groups="shrink")
     t_cal = time.perf_counter()
     calibration = _calibration(calib_kind, model, tok, args, out) if recipe.needs_calibration else None
     t0 = time.perf_counter()
@@ -107,7 +135,8 @@ def cmd_quantize(args) -> None:
     n_w = sum(r.in_features * r.out_features for r in report.layers)
     json.dump(
         {
-            "config": args.config, "method": recipe.method_name, "scheme": SCHEMES[scheme_name],
+            "config": args.config, "method": recipe.method_name,
+            "method_options": recipe.to_dict()["method_options"], "scheme": SCHEMES[scheme_name],
             "quantize_s": wall, "calibration_prep_s": t0 - t_cal,
             "peak_rss_bytes": _peak_rss(), "rss_after_load_bytes": rss_loaded,
             "bits_per_weight": 8 * report.quantized_bytes / n_w,
@@ -137,7 +166,48 @@ def cmd_run(args) -> None:
         subprocess.run(cmd, check=True)
         info = json.load(open(out / f"{stem}.json"))
         print(f"    {info['quantize_s']:.1f} s, peak RSS {info['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    args.reference_dirs = run_reference(args, out) if args.reference_python else []
+    if not args.reference_python:
+        args.reference_schemes = []
     evaluate(args, out, t_start)
+
+
+# reference-tool scheme name -> reference_gptq.py flags
+REFERENCE_SCHEMES = {
+    "W4 g128 sym": ["--bits", "4", "--group-size", "128"],
+    "W4 g128 asym": ["--bits", "4", "--group-size", "128", "--no-sym"],
+    "W3 g128 asym": ["--bits", "3", "--group-size", "128", "--no-sym"],
+}
+
+
+def export_hf(path: pathlib.Path) -> None:
+    """The default model (GGUF Q4_1, dequantized) as an fp32 Hugging Face safetensors directory."""
+    import lowbit
+
+    if (path / "config.json").is_file():
+        return
+    model, tok = lowbit.load_pretrained("default")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def run_reference(args, out: pathlib.Path) -> list[pathlib.Path]:
+    from lowbit.eval.data import find_data_dir
+
+    hf = out / "smollm2-hf"
+    export_hf(hf)
+    dirs = []
+    for scheme in args.reference_schemes:
+        d = out / f"llmcompressor_gptq_{_stem(scheme)}"
+        if not (d / "reference_gptq.json").is_file() or args.force:
+            print(f"[reference] llm-compressor GPTQ {scheme}", flush=True)
+            cmd = [args.reference_python, str(HERE / "reference_gptq.py"), "--model", str(hf),
+                   "--calib", str(find_data_dir() / "state_union"), *REFERENCE_SCHEMES[scheme],
+                   "--act-order", "static", "--n-samples", str(args.calib_samples),
+                   "--seqlen", str(args.calib_seqlen), "--seed", "0", "--out", str(d)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        dirs.append(d)
+    return dirs
 
 
 def evaluate(args, out: pathlib.Path, t_start: float) -> None:
@@ -152,18 +222,18 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
     names = list(args.configs)
     infos = {n: json.load(open(out / f"{_stem(n)}.json")) for n in names}
     refs = {}
-    for d in args.reference or []:
-        d = pathlib.Path(d)
-        info = json.load(open(d / "reference_run.json"))
-        label = f"{info.get('tool', 'reference')} {info.get('label', d.name)}"
-        refs[label] = (d, info)
+    for d, scheme in zip(getattr(args, "reference_dirs", []), args.reference_schemes):
+        raw = json.load(open(d / "reference_gptq.json"))
+        info = {**raw, "quantize_s": raw["wall_seconds"], "peak_rss_bytes": raw["peak_rss_mib"] * 2**20,
+                "bits_per_weight": None}
+        refs[f"{raw['tool']} {raw['version']} gptq {scheme}"] = (d, info)
     results = {}
     todo = [(n, out / f"{_stem(n)}.safetensors") for n in names] + [(k, v[0]) for k, v in refs.items()]
     for i in range(0, len(todo), args.chunk):
         chunk = todo[i : i + args.chunk]
         cands = {}
         for n, path in chunk:
-            cands[n] = lowbit.load(path) if str(path).endswith(".safetensors") else lowbit.load_pretrained(str(path))[0]
+            cands[n] = lowbit.load(path) if str(path).endswith(".safetensors") else _load_reference(path)
         with use_kernel("dequantized"):
             results.update(compare_many(model, cands, windows, progress=True))
         del cands
@@ -182,7 +252,10 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
     for n in names + list(refs):
         r = results[n]
         info = infos.get(n) or refs[n][1]
-        rtn_key = "rtn " + n.split(" ", 1)[1].replace(" [data-free]", "") if " " in n else None
+        scheme_part = n.split(" gptq ", 1)[1] if n in refs else n.split(" ", 1)[1]
+        rtn_key = "rtn " + scheme_part.replace(" [data-free]", "")
+        if rtn_key not in results and rtn_key.endswith("f"):
+            rtn_key = rtn_key[:-1]  # float-zero rows against RTN with integer zeros
         share = "-"
         if rtn_key in results and rtn_key != n:
             base = results[rtn_key].candidate_ppl - fp32
@@ -205,6 +278,21 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
     )
 
 
+def _load_reference(path: pathlib.Path):
+    """A reference tool's dequantized fp32 weights, put into a copy of the default model (the
+    reference directory's config was written by another transformers version)."""
+    import lowbit
+    from safetensors.torch import load_file
+
+    model, _ = lowbit.load_pretrained("default")
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"{path}: reference weights do not match the model ({missing[:3]}, {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -213,12 +301,13 @@ def main() -> None:
         if name == "quantize":
             p.add_argument("config", choices=list(CONFIGS))
         else:
-            p.add_argument("--configs", nargs="*", default=list(CONFIGS), metavar="NAME",
+            p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, metavar="NAME",
                            help="subset of: " + "; ".join(CONFIGS))
             p.add_argument("--windows", type=int, default=40)
             p.add_argument("--window-len", type=int, default=2048)
             p.add_argument("--chunk", type=int, default=6, help="models held in memory at once during evaluation")
-            p.add_argument("--reference", nargs="*", help="dequantized model dirs from benchmarks/reference_gptq.py")
+            p.add_argument("--reference-python", help="python of the llm-compressor venv (setup_reference_venv.sh)")
+            p.add_argument("--reference-schemes", nargs="*", default=["W4 g128 asym"], choices=list(REFERENCE_SCHEMES))
             p.add_argument("--force", action="store_true", help="re-quantize configs that already have results")
         p.add_argument("--out", required=True)
         p.add_argument("--calib-samples", type=int, default=128)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lowbit.cli import build_parser, main
+from lowbit.io.checkpoint import read_manifest
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -258,3 +259,33 @@ def test_demo_end_to_end_on_smollm2(capsys, tmp_path):
     assert "1 windows x 128 tokens" in out and "WikiText-2" in out
     saved = json.loads(js.read_text())
     assert [r["scheme"] for r in saved["rows"]] == ["float32", "w4g64-sym", "w8c-sym"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quantize_with_calibration_flags(tiny_dir, tmp_path, capsys, stream):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "gptq.safetensors"
+    argv = ["quantize", str(tiny_dir), "-o", str(out), "--bits", "3", "--group-size", "64", "--asym",
+            "--method", "awq+gptq", "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "32",
+            "--calib-seed", "7", "--no-progress"] + (["--stream"] if stream else [])
+    rc, text, err = _run(capsys, argv)
+    assert rc == 0, err
+    assert "method awq+gptq" in text and "calibration: 4 x 32 tokens, text, seed 7" in text
+    manifest = read_manifest(out)
+    assert manifest["recipe"]["method"] == "awq+gptq"
+    assert manifest["calibration"]["seed"] == 7 and manifest["calibration"]["n_samples"] == 4
+    assert len(manifest["layers"]) == 14
+
+
+def test_quantize_calibration_errors_are_clear(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--method", "gptq", "--no-progress"])
+    assert rc == 2 and "needs calibration data" in err and "--calib" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--method", "gptq", "--calib", str(empty), "--no-progress"])
+    assert rc == 2 and "empty" in err
+    rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--method", "gptq+awq", "--no-progress"])
+    assert rc == 2 and "rounding" in err
+    assert not out.exists()
