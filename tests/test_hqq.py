@@ -34,7 +34,6 @@ the tests only ask it to be no worse.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -76,7 +75,7 @@ def ratios(w: torch.Tensor, scheme: QuantScheme, spec: HQQ = HQQ()) -> tuple[flo
 
 def group_l1(w: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """Sum of |W - dequantized| per group, shaped like the scale."""
-    e = formats._grouped(qt.dequantize() - w, qt.scheme).abs().sum(-1)
+    e = formats.grouped(qt.dequantize() - w, qt.scheme).abs().sum(-1)
     return e.reshape(qt.scale.shape)
 
 
@@ -262,15 +261,6 @@ def test_quantize_model_with_hqq_recipe():
             err["rtn"] += float((m_rtn.get_submodule(name).dequantize_weight() - w).abs().sum())
             assert mod.zero.dtype == torch.float32
     assert err["hqq"] < 0.99 * err["rtn"], err
-
-
-def test_large_weight_is_fast_enough():
-    """Vectorised over groups: a 2048 x 4096 weight (131k groups) takes well under the limit
-    even on a shared 2-core machine (measured ~0.5 s for 4096 x 4096 on one idle core)."""
-    w = torch.randn(2048, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
-    t = time.perf_counter()
-    hqq(w, asym(4))
-    assert time.perf_counter() - t < 20.0
 
 
 # ----------------------------------------------------------------------------- real weights

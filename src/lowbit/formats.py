@@ -52,7 +52,8 @@ class QParams:
     zero: Optional[torch.Tensor]
 
 
-def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``w [out, in]`` viewed as ``[rows, n_groups, group]`` (see the table above)."""
     if w.dim() != 2:
         raise SchemeError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
@@ -77,7 +78,7 @@ def _check_finite(w: torch.Tensor) -> None:
 def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     """Scale (and zero point when affine) for every group of ``w``."""
     _check_finite(w)
-    g = _grouped(w.detach().to(torch.float32), scheme)
+    g = grouped(w.detach().to(torch.float32), scheme)
     sdtype = scale_torch_dtype(scheme)
     qmax = scheme.qmax
     if scheme.symmetric:
@@ -135,7 +136,7 @@ def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme, *, check_finite:
     checked the whole weight once already."""
     if check_finite:
         _check_finite(w)
-    g = _grouped(w.detach().to(torch.float32), scheme)
+    g = grouped(w.detach().to(torch.float32), scheme)
     s = qp.scale.float().unsqueeze(-1)
     z = _zero_f32(qp, scheme).unsqueeze(-1)
     if scheme.zero_point == "float" and qp.zero is not None:
@@ -149,7 +150,7 @@ def dequantize(
     codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``(q - z) * s`` computed in float32, then cast to ``dtype``."""
-    g = _grouped(codes, scheme).to(torch.float32)
+    g = grouped(codes, scheme).to(torch.float32)
     s = qp.scale.float().unsqueeze(-1)
     z = _zero_f32(qp, scheme).unsqueeze(-1)
     return ((g - z) * s).reshape(codes.shape).to(dtype)

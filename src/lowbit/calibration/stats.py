@@ -57,6 +57,12 @@ def _as_rows(x: torch.Tensor, in_features: int, what: str) -> torch.Tensor:
     return rows
 
 
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CalibrationError(f"{name} must be a positive integer, got {v!r}")
+
+
 class HessianAccumulator:
     """Running ``H = (2 / n) * sum_t x_t x_t^T`` over all ``n`` token rows seen so far.
 
@@ -67,10 +73,7 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, name: Optional[str] = None) -> None:
-        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
-            raise CalibrationError(f"in_features must be a positive integer, got {in_features!r}")
-        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-            raise CalibrationError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        _check_positive(in_features=in_features, chunk_rows=chunk_rows)
         self.in_features = in_features
         self.chunk_rows = chunk_rows
         self.name = name  # the layer's name, for error messages only
@@ -119,10 +122,7 @@ class ChannelStats:
     """
 
     def __init__(self, in_features: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, name: Optional[str] = None) -> None:
-        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
-            raise CalibrationError(f"in_features must be a positive integer, got {in_features!r}")
-        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-            raise CalibrationError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        _check_positive(in_features=in_features, chunk_rows=chunk_rows)
         self.in_features = in_features
         self.chunk_rows = chunk_rows
         self.name = name  # the layer's name, for error messages only

@@ -87,17 +87,6 @@ def awq_scales(x_abs_mean: torch.Tensor, w_abs_mean: torch.Tensor, ratio: float,
     return s.clamp(min=tiny, max=big)
 
 
-def _group_view(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """``w [N, K]`` as ``[N, G, K/G]`` (group), ``[N, 1, K]`` (channel) or ``[1, 1, N*K]`` (tensor)."""
-    n, k = w.shape
-    if scheme.granularity is Granularity.TENSOR:
-        return w.reshape(1, 1, n * k)
-    if scheme.granularity is Granularity.CHANNEL:
-        return w.reshape(n, 1, k)
-    scheme.check_layer("<awq>", k)
-    return w.reshape(n, k // scheme.group_size, scheme.group_size)
-
-
 def _check_weights(weights: Sequence[torch.Tensor]) -> int:
     if len(weights) == 0:
         raise CalibrationError("AWQ needs at least one weight in the group")
@@ -125,7 +114,7 @@ def weight_abs_mean(weights: Sequence[torch.Tensor], scheme: QuantScheme) -> tor
     rows = 0
     for w in weights:
         a = w.detach().to(torch.float32).abs().nan_to_num(nan=0.0)
-        g = _group_view(a, scheme)
+        g = formats.grouped(a, scheme)
         g = g / (g.amax(dim=-1, keepdim=True) + 1e-6)
         total += g.reshape(w.shape).sum(dim=0, dtype=torch.float64)
         rows += w.shape[0]

@@ -39,7 +39,7 @@ What lowbit does differently from the reference, and why:
   codes, scale and bytes as ``rtn``).
 
 Everything is computed in float32 on the grouped view of the weight
-(``formats._grouped``: tensor / channel / group granularity), a block of groups
+(``formats.grouped``: tensor / channel / group granularity), a block of groups
 at a time, vectorised over groups.
 """
 
@@ -67,7 +67,7 @@ def hqq(weight: torch.Tensor, scheme: QuantScheme, spec: HQQ = HQQ()) -> Quantiz
     if scheme.symmetric:
         return QuantizedTensor.from_codes(formats.quantize(weight, qp, scheme), qp, scheme)
 
-    g = formats._grouped(weight.detach().to(torch.float32), scheme)
+    g = formats.grouped(weight.detach().to(torch.float32), scheme)
     n_groups, size = g.shape[0] * g.shape[1], g.shape[2]
     g = g.reshape(n_groups, size)  # one row per group
     s = qp.scale.float().reshape(n_groups, 1)
