@@ -228,7 +228,8 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
                 "bits_per_weight": None}
         refs[f"{raw['tool']} {raw['version']} gptq {scheme}"] = (d, info)
     results = {}
-    todo = [(n, out / f"{_stem(n)}.safetensors") for n in names] + [(k, v[0]) for k, v in refs.items()]
+    # the reference tool first: its row and the lowbit rows it is compared with come out first
+    todo = [(k, v[0]) for k, v in refs.items()] + [(n, out / f"{_stem(n)}.safetensors") for n in names]
     for i in range(0, len(todo), args.chunk):
         chunk = todo[i : i + args.chunk]
         cands = {}
@@ -237,6 +238,11 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
         with use_kernel("dequantized"):
             results.update(compare_many(model, cands, windows, progress=True))
         del cands
+        _write_table(args, out, t_start, results, [n for n in names if n in results], refs, infos)
+
+
+def _write_table(args, out, t_start, results, names, refs, infos) -> None:
+    """The table of what has been evaluated so far (rewritten after every chunk)."""
     fp32 = next(iter(results.values())).reference_ppl
     lines = [
         f"SmolLM2-135M-Instruct (fp32 = GGUF Q4_1 dequantized), WikiText-2 test, {args.windows} windows x "
@@ -249,7 +255,7 @@ def evaluate(args, out: pathlib.Path, t_start: float) -> None:
         "|---|---|---|---|---|---|---|---|---|",
         f"| fp32 | 32 | {fp32:.3f} | - | - | - | - | - | - |",
     ]
-    for n in names + list(refs):
+    for n in [k for k in refs if k in results] + names:
         r = results[n]
         info = infos.get(n) or refs[n][1]
         scheme_part = n.split(" gptq ", 1)[1] if n in refs else n.split(" ", 1)[1]
