@@ -289,3 +289,30 @@ def test_quantize_calibration_errors_are_clear(tiny_dir, tmp_path, capsys):
     rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--method", "gptq+awq", "--no-progress"])
     assert rc == 2 and "rounding" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, short",
+    [
+        (["--format", "nf4", "--double-quant"], "nf4-g64-dq"),
+        (["--format", "fp8_e4m3", "--fp8-activations"], "fp8e4m3-c-a8"),
+        (["--format", "ternary", "--granularity", "channel"], "ternary-c"),
+    ],
+)
+def test_quantize_format_flags(tiny_dir, tmp_path, capsys, flags, short):
+    import lowbit
+    from lowbit.scheme import QuantScheme
+
+    out = tmp_path / "m.safetensors"
+    rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--no-progress", *flags])
+    assert rc == 0, err
+    manifest = lowbit.read_manifest(out)
+    shorts = {QuantScheme.from_dict(layer["scheme"]).short_name for layer in manifest["layers"].values()}
+    assert shorts == {short}
+
+
+def test_quantize_llm_int8_needs_calibration_and_w8a8(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--no-progress", "--method", "llm_int8",
+                               "--bits", "8", "--granularity", "channel"])
+    assert rc != 0 and "W8A8" in err and not out.exists()

@@ -669,7 +669,7 @@ def test_invalid_schemes(kwargs, match):
 
 def test_scheme_from_dict_rejects_unknowns():
     with pytest.raises(SchemeError, match="format"):
-        QuantScheme.from_dict({"format": "nf4", "bits": 4})
+        QuantScheme.from_dict({"format": "nf5", "bits": 4})
     with pytest.raises(SchemeError, match="unknown scheme fields"):
         QuantScheme.from_dict({"bits": 4, "groupsize": 128})
     with pytest.raises(SchemeError):

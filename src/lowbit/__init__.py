@@ -24,7 +24,7 @@ from lowbit.errors import (  # noqa: E402
     TruncatedCheckpointError,
     UnsupportedModelError,
 )
-from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, Granularity, QuantScheme, Recipe, Rule, SmoothQuant  # noqa: E402
+from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, Granularity, LLMInt8, QuantScheme, Recipe, Rule, SmoothQuant  # noqa: E402
 
 
 _API = ("quantize", "quantize_from_disk", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest")

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 from lowbit.errors import CalibrationError, LowbitError, ModelSourceError, SchemeError, UnsupportedModelError
 from lowbit.scheme import (
     DEFAULT_SKIP_PATTERN,
+    FORMATS,
     INDIVISIBLE_POLICIES,
     INT_BITS,
     METHODS,
@@ -58,6 +59,9 @@ RECIPE_FLAGS = (
     "--method",
     "--float-zero",
     "--w8a8",
+    "--format",
+    "--double-quant",
+    "--fp8-activations",
 )
 
 # The demo's two quantized rows. Neither is W4 g32 asymmetric, whose numbers
@@ -323,14 +327,23 @@ def recipe_from_args(args: argparse.Namespace, explicit: Sequence[str]) -> Recip
         group_size = None  # the default group size does not apply to tensor/channel scales
     if args.float_zero and not args.asym:
         raise SchemeError("--float-zero applies to affine schemes; add --asym")
+    if args.w8a8 and args.fp8_activations:
+        raise SchemeError("choose one of --w8a8 (int8 activations) and --fp8-activations")
+    bits, granularity = args.bits, args.granularity
+    if args.format != "int":  # the format's own defaults unless a flag says otherwise
+        bits = args.bits if "--bits" in explicit else None
+        granularity = args.granularity if "--granularity" in explicit else None
+        group_size = args.group_size if "--group-size" in explicit else None
     scheme = QuantScheme(
-        bits=args.bits,
+        bits=bits,
         symmetric=not args.asym,
-        granularity=args.granularity,
+        granularity=granularity,
         group_size=group_size,
         scale_dtype=args.scale_dtype,
         zero_point="float" if args.float_zero else "int",
-        activations="int8" if args.w8a8 else None,
+        activations="int8" if args.w8a8 else ("fp8_e4m3" if args.fp8_activations else None),
+        format=args.format,
+        double_quant=args.double_quant,
     )
     rules = [Rule(DEFAULT_SKIP_PATTERN, None)] + [Rule(p, None) for p in args.skip or ()] + [Rule(".*", scheme)]
     return Recipe(rules=tuple(rules), method=args.method, indivisible_groups=args.indivisible_groups)
@@ -815,9 +828,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "by '+', e.g. awq+gptq, smoothquant+rtn (default: rtn, round to nearest)")
     q.add_argument("--float-zero", action="store_true",
                    help="with --asym: store a real-valued zero point per group (HQQ, Q4_1-style) instead of an integer")
+    q.add_argument("--format", choices=FORMATS, default="int",
+                   help="numeric format: integers (--bits), nf4 / fp4 codebooks in blocks of 64, fp8_e4m3 / "
+                        "fp8_e5m2 with per-channel scales, or ternary (-1, 0, +1) with an absmean scale "
+                        "(bits and granularity default to the format's own)")
+    q.add_argument("--double-quant", action="store_true",
+                   help="nf4 / fp4: store the block absmax as 8-bit codes (QLoRA double quantization)")
+    q.add_argument("--fp8-activations", action="store_true",
+                   help="fp8 formats: round activations to fp8 e4m3 per token at run time")
     q.add_argument("--w8a8", action="store_true",
                    help="also quantize activations to int8 per token at run time (needs --bits 8 --granularity channel)")
-    cg = q.add_argument_group("calibration (gptq, awq, smoothquant)")
+    cg = q.add_argument_group("calibration (gptq, awq, smoothquant, llm_int8)")
     cg.add_argument("--calib", metavar="PATH|data-free", default=None,
                     help="calibration text: a text/jsonl file or a folder of them, or 'data-free' to sample "
                          "windows from the full-precision model itself")

@@ -24,10 +24,11 @@ Rounding is ``torch.round`` (half to even).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from lowbit import float_formats
 from lowbit.errors import FormatError, SchemeError
 from lowbit.scheme import Granularity, QuantScheme
 
@@ -46,10 +47,13 @@ def zero_torch_dtype(scheme: QuantScheme) -> torch.dtype:
 @dataclass(frozen=True)
 class QParams:
     """``scale`` in the scheme's scale dtype; ``zero`` uint8, or the scale dtype for float
-    zero points (None when symmetric)."""
+    zero points (None when symmetric). With ``double_quant`` schemes ``scale`` is the
+    float32 scale the weights dequantize with and ``double_quant`` holds its stored
+    8-bit form (``lowbit.float_formats.DoubleQuantScales``)."""
 
     scale: torch.Tensor
     zero: Optional[torch.Tensor]
+    double_quant: Optional[Any] = None
 
 
 def grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -75,10 +79,27 @@ def _check_finite(w: torch.Tensor) -> None:
         )
 
 
+def _float_format_scale(g: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The non-integer formats' scale, rounded to the scale dtype (overflow is an error)."""
+    scale_q = float_formats.choose_scale(g, scheme).to(scale_torch_dtype(scheme))
+    if bool(torch.isinf(scale_q).any()):
+        raise FormatError(
+            f"weights of magnitude up to {float(g.abs().max()):.3g} overflow {scheme.scale_dtype} scales; "
+            "use scale_dtype='float32' for this layer"
+        )
+    return scale_q
+
+
 def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     """Scale (and zero point when affine) for every group of ``w``."""
     _check_finite(w)
     g = grouped(w.detach().to(torch.float32), scheme)
+    if scheme.format != "int":
+        scale_q = _float_format_scale(g, scheme)
+        if scheme.double_quant:
+            dq = float_formats.double_quantize(scale_q)
+            return QParams(scale=dq.dequantize(), zero=None, double_quant=dq)
+        return QParams(scale=scale_q, zero=None)
     sdtype = scale_torch_dtype(scheme)
     qmax = scheme.qmax
     if scheme.symmetric:
@@ -137,6 +158,8 @@ def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme, *, check_finite:
     if check_finite:
         _check_finite(w)
     g = grouped(w.detach().to(torch.float32), scheme)
+    if scheme.format != "int":
+        return float_formats.quantize_grouped(g, qp.scale, scheme).reshape(w.shape)
     s = qp.scale.float().unsqueeze(-1)
     z = _zero_f32(qp, scheme).unsqueeze(-1)
     if scheme.zero_point == "float" and qp.zero is not None:
@@ -149,15 +172,29 @@ def quantize(w: torch.Tensor, qp: QParams, scheme: QuantScheme, *, check_finite:
 def dequantize(
     codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``(q - z) * s`` computed in float32, then cast to ``dtype``."""
-    g = grouped(codes, scheme).to(torch.float32)
+    """``(q - z) * s`` computed in float32, then cast to ``dtype`` (``value(q) * s`` for the
+    non-integer formats, see ``lowbit.float_formats``)."""
     s = qp.scale.float().unsqueeze(-1)
+    if scheme.format != "int":
+        return (float_formats.code_values(grouped(codes, scheme), scheme) * s).reshape(codes.shape).to(dtype)
+    g = grouped(codes, scheme).to(torch.float32)
     z = _zero_f32(qp, scheme).unsqueeze(-1)
     return ((g - z) * s).reshape(codes.shape).to(dtype)
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
-    """Round-to-nearest: qparams from the weight's own range, then codes."""
+    """Round-to-nearest: qparams from the weight's own range, then codes.
+
+    Double-quantized schemes choose the codes with the exact block scales and store the
+    8-bit ones, as bitsandbytes does (so ``quantize(w, qp)`` with the returned ``qp``
+    may pick other codes)."""
+    if scheme.double_quant:
+        _check_finite(w)
+        g = grouped(w.detach().to(torch.float32), scheme)
+        exact = _float_format_scale(g, scheme)
+        dq = float_formats.double_quantize(exact)
+        codes = float_formats.quantize_grouped(g, exact, scheme).reshape(w.shape)
+        return codes, QParams(scale=dq.dequantize(), zero=None, double_quant=dq)
     qp = choose_qparams(w, scheme)
     return quantize(w, qp, scheme), qp
 

@@ -28,6 +28,27 @@ so that the matmul can run on integers.
 Granularity says which weights share one ``(s, z)``: the whole tensor, one
 output channel (a row of the ``[out, in]`` weight), or a group of
 ``group_size`` consecutive input columns inside a row.
+
+Besides integers (``format="int"``), ``format`` names the non-integer formats;
+all of them are symmetric (no zero point) and store unsigned codes too:
+
+- ``"nf4"`` / ``"fp4"``: 4-bit codebooks (bitsandbytes' NormalFloat4 and FP4
+  tables, ``lowbit.codebooks``), ``w = table[q] * absmax`` per block of
+  ``group_size`` (default 64). ``double_quant=True`` stores the per-block
+  absmax as 8-bit codes of bitsandbytes' dynamic map, in blocks of 256 with an
+  fp32 absmax each, after subtracting their mean (QLoRA's double quantization);
+- ``"fp8_e4m3"`` / ``"fp8_e5m2"``: the byte of a float8 value (torch's
+  ``float8_e4m3fn`` / ``float8_e5m2``), ``w = float8(q) * s`` with
+  ``s = amax / fmax`` per tensor or channel (default channel), saturating;
+- ``"ternary"``: codes 0, 1, 2 meaning -1, 0, +1, at 2 bits, with an absmean
+  scale (BitNet b1.58), per tensor by default.
+
+``bits`` and ``granularity`` default to what the format needs (``None``
+resolves when the scheme is built; ``to_dict`` always writes resolved values).
+
+LLM.int8-style layers are W8A8 layers quantized with the ``LLMInt8`` method:
+the input columns whose calibration activations exceed its threshold keep
+float16 weights and skip the int8 path (``lowbit.tensor`` lists the tensors).
 """
 
 from __future__ import annotations
@@ -42,7 +63,16 @@ from lowbit.errors import SchemeError
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 ZERO_POINTS = ("int", "float")
-ACTIVATION_FORMATS = (None, "int8")
+ACTIVATION_FORMATS = (None, "int8", "fp8_e4m3")
+FORMATS = ("int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "ternary")
+CODEBOOK_FORMATS = ("nf4", "fp4")
+FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
+# bits each non-integer format stores per code, and its default granularity / block
+_FORMAT_BITS = {"nf4": 4, "fp4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "ternary": 2}
+_DEFAULT_GRANULARITY = {"int": "group", "nf4": "group", "fp4": "group", "fp8_e4m3": "channel",
+                        "fp8_e5m2": "channel", "ternary": "tensor"}
+CODEBOOK_BLOCK = 64  # bitsandbytes' default 4-bit block
+DOUBLE_QUANT_BLOCK = 256  # QLoRA: the absmax values are 8-bit quantized in blocks of 256
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_GROUP_SIZE = 128
 
@@ -61,15 +91,21 @@ class QuantScheme:
     >>> QuantScheme(bits=8, granularity="channel")     # W8 per output channel
     """
 
-    bits: int = 4
+    bits: Optional[int] = None  # None: 4 for int / nf4 / fp4, 8 for fp8, 2 for ternary
     symmetric: bool = True
-    granularity: Granularity = Granularity.GROUP
-    group_size: Optional[int] = None  # None with granularity 'group' means DEFAULT_GROUP_SIZE
+    granularity: Optional[Granularity] = None  # None: the format's default (group / channel / tensor)
+    group_size: Optional[int] = None  # None with granularity 'group': 128 (int) or 64 (nf4 / fp4)
     scale_dtype: str = "float32"
     zero_point: str = "int"  # affine only: "int" (uint8 code) or "float" (stored in scale_dtype)
-    activations: Optional[str] = None  # None (weight-only) or "int8" (dynamic per-token int8, W8A8)
+    activations: Optional[str] = None  # None (weight-only), "int8" (W8A8) or "fp8_e4m3" (dynamic per token)
+    format: str = "int"  # one of FORMATS
+    double_quant: bool = False  # nf4 / fp4: 8-bit block scales (QLoRA double quantization)
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise SchemeError(f"unknown numeric format {self.format!r}; use one of {FORMATS}")
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", Granularity(_DEFAULT_GRANULARITY[self.format]))
         if isinstance(self.granularity, str) and not isinstance(self.granularity, Granularity):
             try:
                 object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -78,10 +114,19 @@ class QuantScheme:
                     f"unknown granularity {self.granularity!r}; use one of "
                     f"{[g.value for g in Granularity]}"
                 ) from None
+        if self.bits is None:
+            object.__setattr__(self, "bits", _FORMAT_BITS.get(self.format, 4))
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in INT_BITS:
             raise SchemeError(f"bits={self.bits!r} is not supported; integer formats take bits in {INT_BITS}")
+        if self.format != "int" and self.bits != _FORMAT_BITS[self.format]:
+            raise SchemeError(
+                f"format {self.format!r} stores {_FORMAT_BITS[self.format]}-bit codes, not bits={self.bits}; "
+                "leave bits out"
+            )
         if not isinstance(self.symmetric, bool):
             raise SchemeError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if self.format != "int" and not self.symmetric:
+            raise SchemeError(f"format {self.format!r} has no zero point; leave symmetric=True")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {SCALE_DTYPES}")
         if self.zero_point not in ZERO_POINTS:
@@ -91,12 +136,32 @@ class QuantScheme:
         if self.activations not in ACTIVATION_FORMATS:
             raise SchemeError(f"activations={self.activations!r}; use one of {ACTIVATION_FORMATS}")
         if self.activations == "int8" and not (
-            self.bits == 8 and self.symmetric and self.granularity is not Granularity.GROUP
+            self.format == "int" and self.bits == 8 and self.symmetric and self.granularity is not Granularity.GROUP
         ):
             raise SchemeError(
-                "activations='int8' (W8A8) needs bits=8, symmetric=True and granularity 'channel' or "
-                f"'tensor' weights (got {self.bits} bits, symmetric={self.symmetric}, {self.granularity.value})"
+                "activations='int8' (W8A8) needs format='int', bits=8, symmetric=True and granularity 'channel' or "
+                f"'tensor' weights (got {self.format} {self.bits} bits, symmetric={self.symmetric}, "
+                f"{self.granularity.value})"
             )
+        if self.activations == "fp8_e4m3" and (self.format not in FP8_FORMATS or self.granularity is Granularity.GROUP):
+            raise SchemeError(
+                "activations='fp8_e4m3' needs an fp8 weight format (fp8_e4m3 / fp8_e5m2) with granularity "
+                f"'channel' or 'tensor' (got format={self.format!r}, {self.granularity.value})"
+            )
+        if self.format in FP8_FORMATS and self.granularity is Granularity.GROUP:
+            raise SchemeError(f"format {self.format!r} takes granularity 'tensor' or 'channel' scales, not 'group'")
+        if self.format in CODEBOOK_FORMATS and self.granularity is not Granularity.GROUP:
+            raise SchemeError(f"format {self.format!r} is blockwise: use granularity 'group' (block = group_size)")
+        if not isinstance(self.double_quant, bool):
+            raise SchemeError(f"double_quant must be True or False, got {self.double_quant!r}")
+        if self.double_quant and (self.format not in CODEBOOK_FORMATS or self.scale_dtype != "float32"):
+            raise SchemeError(
+                "double_quant=True applies to the nf4 / fp4 formats with scale_dtype='float32' "
+                f"(it 8-bit-quantizes their fp32 block absmax); got format={self.format!r}, "
+                f"scale_dtype={self.scale_dtype!r}"
+            )
+        if self.granularity is Granularity.GROUP and self.group_size is None:
+            object.__setattr__(self, "group_size", CODEBOOK_BLOCK if self.format in CODEBOOK_FORMATS else DEFAULT_GROUP_SIZE)
         if self.granularity is Granularity.GROUP:
             if self.group_size is None:
                 object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
@@ -140,7 +205,10 @@ class QuantScheme:
         """Storage bits per weight, scales and zero points included."""
         return self.storage_bytes(out_features, in_features) * 8 / (out_features * in_features)
 
-    def storage_bytes(self, out_features: int, in_features: int) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, n_outliers: int = 0) -> int:
+        """Exact bytes of the stored tensors (``lowbit.tensor.stored_tensor_specs``): packed codes,
+        scales (8-bit codes plus their fp32 block absmax and offset under double quantization),
+        zero points and, for LLM.int8 schemes, ``n_outliers`` float16 columns and their int32 indices."""
         from math import ceil
 
         scale_bytes = 4 if self.scale_dtype == "float32" else 2
@@ -151,7 +219,12 @@ class QuantScheme:
         # the native bit-stream layout: rows padded to a multiple of 8 codes (none at 8 bits)
         packed = out_features * (in_features if self.bits == 8 else ceil(in_features / 8) * self.bits)
         zeros = 0 if self.symmetric else n_params * (1 if self.zero_point == "int" else scale_bytes)
-        return packed + n_params * scale_bytes + zeros
+        if self.double_quant:
+            scales = n_params + 4 * ceil(n_params / DOUBLE_QUANT_BLOCK) + 4
+        else:
+            scales = n_params * scale_bytes
+        outliers = n_outliers * (2 * out_features + 4)
+        return packed + scales + zeros + outliers
 
     # -- names and serialisation -------------------------------------------
     @property
@@ -161,6 +234,10 @@ class QuantScheme:
             Granularity.CHANNEL: "c",
             Granularity.GROUP: f"g{self.group_size}",
         }[self.granularity]
+        if self.format != "int":
+            dq = "-dq" if self.double_quant else ""
+            act = "-a8" if self.activations else ""
+            return f"{self.format.replace('_', '')}-{g}{dq}{act}"
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asymf")
         act = "-a8" if self.activations == "int8" else ""
         return f"w{self.bits}{g}-{kind}{act}"
@@ -169,8 +246,8 @@ class QuantScheme:
         return replace(self, granularity=Granularity.GROUP, group_size=group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "int",
+        d = {
+            "format": self.format,
             "bits": self.bits,
             "symmetric": self.symmetric,
             "granularity": self.granularity.value,
@@ -179,16 +256,17 @@ class QuantScheme:
             "zero_point": self.zero_point,
             "activations": self.activations,
         }
+        # written only when set, so that files of plain integer schemes stay as they were
+        if self.double_quant:
+            d["double_quant"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantScheme":
         if not isinstance(d, dict):
             raise SchemeError(f"a scheme must be a JSON object, got {type(d).__name__}")
         d = dict(d)
-        fmt = d.pop("format", "int")
-        if fmt != "int":
-            raise SchemeError(f"unknown numeric format {fmt!r}; this version of lowbit knows 'int'")
-        unknown = set(d) - {"bits", "symmetric", "granularity", "group_size", "scale_dtype", "zero_point", "activations"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise SchemeError(f"unknown scheme fields {sorted(unknown)}")
         gran = d.get("granularity", "group")
@@ -349,9 +427,28 @@ class SmoothQuant:
         _check_range("SmoothQuant", "alpha", self.alpha, 0.0, 1.0)
 
 
-METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SmoothQuant)}
+@dataclass(frozen=True)
+class LLMInt8:
+    """LLM.int8() mixed decomposition (Dettmers et al. 2022), with the outlier columns chosen
+    once from calibration data: input columns whose largest calibration activation magnitude
+    exceeds ``threshold`` keep their weights in float16 and meet their activations unrounded;
+    the other columns are rounded to the W8A8 scheme (int8 weights per output row, int8
+    activations per token). Needs a W8A8 scheme (``activations="int8"``)."""
+
+    threshold: float = 6.0
+    name = "llm_int8"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        _check_range("LLMInt8", "threshold", self.threshold, 1e-6, 1e6)
+
+
+METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SmoothQuant, LLMInt8)}
 METHODS = tuple(METHOD_SPECS)
-MethodSpec = "RTN | GPTQ | AWQ | HQQ | SmoothQuant"
+MethodSpec = "RTN | GPTQ | AWQ | HQQ | SmoothQuant | LLMInt8"
+# methods whose numerics assume integer codes (the other formats take RTN or llm_int8)
+INTEGER_ONLY_METHODS = ("gptq", "awq", "hqq", "smoothquant")
 
 
 def method_to_dict(spec) -> dict[str, Any]:
@@ -388,7 +485,7 @@ def parse_method(method) -> tuple:
         steps = list(method)
         for s in steps:
             if not isinstance(s, tuple(METHOD_SPECS.values())):
-                raise SchemeError(f"method steps must be RTN/GPTQ/AWQ/HQQ/SmoothQuant objects, got {type(s).__name__}")
+                raise SchemeError(f"method steps must be RTN/GPTQ/AWQ/HQQ/SmoothQuant/LLMInt8 objects, got {type(s).__name__}")
     else:
         raise SchemeError(f"method must be a name or a method spec, got {type(method).__name__}")
     if not steps:
@@ -399,7 +496,7 @@ def parse_method(method) -> tuple:
     if len(roundings) != 1:
         raise SchemeError(
             f"method {'+'.join(s.name for s in steps)!r} has {len(roundings)} rounding steps; "
-            "use transforms (awq, smoothquant) followed by one of rtn, gptq, hqq"
+            "use transforms (awq, smoothquant) followed by one of rtn, gptq, hqq, llm_int8"
         )
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
@@ -438,6 +535,21 @@ class Recipe:
             if not isinstance(r, Rule):
                 raise SchemeError(f"recipe rules must be Rule objects, got {type(r).__name__}")
         object.__setattr__(self, "method", parse_method(self.method))
+        for r in rules:
+            if r.scheme is None:
+                continue
+            integer_only = [m.name for m in self.method if m.name in INTEGER_ONLY_METHODS]
+            if integer_only and r.scheme.format != "int":
+                raise SchemeError(
+                    f"rule {r.pattern!r}: method {'+'.join(integer_only)} works on integer formats, not "
+                    f"{r.scheme.format!r}; quantize {r.scheme.format} layers with method 'rtn'"
+                )
+            if self.method[-1].name == "llm_int8" and r.scheme.activations != "int8":
+                raise SchemeError(
+                    f"rule {r.pattern!r}: method llm_int8 needs a W8A8 scheme "
+                    "(QuantScheme(bits=8, granularity='channel', activations='int8')), "
+                    f"got {r.scheme.short_name}"
+                )
         if self.indivisible_groups not in INDIVISIBLE_POLICIES:
             raise SchemeError(
                 f"indivisible_groups={self.indivisible_groups!r}; use one of {INDIVISIBLE_POLICIES}"

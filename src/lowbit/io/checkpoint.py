@@ -50,7 +50,8 @@ from lowbit.errors import (
 )
 from lowbit.model.swap import QuantizationReport, SkipRecord, linear_kind, set_submodule, weight_as_linear
 from lowbit.nn import QuantLinear
-from lowbit.scheme import Granularity, QuantScheme, Recipe
+from lowbit.scheme import QuantScheme, Recipe
+from lowbit.tensor import stored_tensor_specs
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -94,6 +95,8 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
                 "out_features": mod.out_features,
                 "bias": mod.bias is not None,
             }
+            if mod.n_outliers:
+                layers[name]["n_outliers"] = mod.n_outliers
     if not layers:
         raise CheckpointError("the model has no QuantLinear layers; call lowbit.quantize(model, recipe) before saving")
     if report is not None:
@@ -138,13 +141,16 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def save_checkpoint(model: nn.Module, path: PathLike) -> Path:
-    """Write ``model`` (quantized by lowbit) to ``path`` atomically."""
+def save_checkpoint(model: nn.Module, path: PathLike, *, metadata_format: str = "lowbit") -> Path:
+    """Write ``model`` (quantized by lowbit) to ``path`` atomically.
+
+    ``metadata_format="pt"`` marks the file the way transformers requires of a ``model.safetensors``
+    (``lowbit.integrations.transformers.save_pretrained``); the manifest is the same."""
     path = Path(path)
     state = model.state_dict()
     tensors, aliases = _dedupe(state)
     manifest = build_manifest(model, tensors, aliases)
-    metadata = {"format": "lowbit", "lowbit_manifest": json.dumps(manifest)}
+    metadata = {"format": metadata_format, "lowbit_manifest": json.dumps(manifest)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -247,7 +253,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
     """The lowbit manifest of a checkpoint, validated against the file; reads no tensor data."""
     header = read_header(path)
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != "lowbit" or "lowbit_manifest" not in meta:
+    if meta.get("format") not in ("lowbit", "pt") or "lowbit_manifest" not in meta:
         raise ManifestError(
             f"{path}: not a lowbit checkpoint (no lowbit manifest in the safetensors metadata); "
             "was it written by lowbit.save?"
@@ -265,13 +271,12 @@ def _expected_layer_tensors(name: str, layer: dict[str, Any]) -> dict[str, tuple
     n, k = int(layer["out_features"]), int(layer["in_features"])
     if not isinstance(layer["bias"], bool):
         raise TypeError(f"'bias' must be true or false, got {layer['bias']!r}")
+    n_outliers = layer.get("n_outliers", 0)
+    if not _is_count(n_outliers) or n_outliers > k:
+        raise TypeError(f"'n_outliers' must be a count <= in_features, got {n_outliers!r}")
     scheme.check_layer(name, k)
-    qshape = [1, 1] if scheme.granularity is Granularity.TENSOR else [n, scheme.n_groups(k)]
-    sdt = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[scheme.scale_dtype]
-    want = {f"{name}.qweight": ([n, packing.packed_row_bytes(k, scheme.bits)], "U8"), f"{name}.scale": (qshape, sdt)}
-    if not scheme.symmetric:
-        want[f"{name}.zero"] = (qshape, sdt if scheme.zero_point == "float" else "U8")
-    return want
+    specs = stored_tensor_specs(scheme, n, k, n_outliers)
+    return {f"{name}.{t}": (list(shape), _ST_DTYPES[dtype]) for t, (shape, dtype) in specs.items()}
 
 
 def _validate_manifest(path, manifest: Any, header: dict[str, Any]) -> None:
@@ -437,6 +442,7 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
             bias=bool(layer["bias"]),
             device=torch.device("meta"),
             kernel=kernel,
+            n_outliers=int(layer.get("n_outliers", 0)),
         )
         set_submodule(model, name, new)
     state = {}

@@ -72,11 +72,25 @@ def _ref_supports(layer) -> tuple[bool, str]:
 
 
 def _activations(layer, x: torch.Tensor) -> torch.Tensor:
-    """The activations the layer's scheme sees: fake-quantized per row for W8A8 schemes."""
+    """The activations the layer's scheme sees: fake-quantized per row for W8A8 schemes
+    (LLM.int8 layers: the outlier columns are left out of the int8 rounding and its row
+    scale, and reach their float16 weights unrounded); per-row fp8 for fp8 activations."""
     if layer.scheme.activations == "int8":
         from lowbit.formats import fake_quantize_activations_int8
 
-        return fake_quantize_activations_int8(x)
+        idx = getattr(layer, "outlier_idx", None)
+        if idx is None:
+            return fake_quantize_activations_int8(x)
+        idx = idx.long()
+        inliers = x.clone()
+        inliers[..., idx] = 0
+        out = fake_quantize_activations_int8(inliers)
+        out[..., idx] = x[..., idx]
+        return out
+    if layer.scheme.activations == "fp8_e4m3":
+        from lowbit.float_formats import fake_quantize_activations_fp8
+
+        return fake_quantize_activations_fp8(x)
     return x
 
 
@@ -91,6 +105,12 @@ def _dequantized_prepare(layer) -> torch.Tensor:
 
 def _dequantized_run(layer, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(_activations(layer, x), w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def _integer_weights(layer, kernel: str) -> tuple[bool, str]:
+    if layer.scheme.format != "int":
+        return False, f"{kernel} runs integer weight formats only, not {layer.scheme.format!r}"
+    return True, ""
 
 
 def _weight_only(layer, kernel: str) -> tuple[bool, str]:
@@ -121,7 +141,9 @@ def _scheme_group(layer) -> int:
 def _int4_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_int4
 
-    ok, why = _weight_only(layer, "cpu_int4")
+    ok, why = _integer_weights(layer, "cpu_int4")
+    if ok:
+        ok, why = _weight_only(layer, "cpu_int4")
     if not ok:
         return ok, why
     if layer.scale.device.type != "cpu":
@@ -147,7 +169,9 @@ def _int8_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_int8
 
     s = layer.scheme
-    ok, why = _weight_only(layer, "cpu_int8")
+    ok, why = _integer_weights(layer, "cpu_int8")
+    if ok:
+        ok, why = _weight_only(layer, "cpu_int8")
     if not ok:
         return ok, why
     if s.granularity is Granularity.GROUP:
@@ -176,6 +200,9 @@ def _w8a8_supports(layer) -> tuple[bool, str]:
     from lowbit.kernels import cpu_w8a8
 
     s = layer.scheme
+    ok, why = _integer_weights(layer, "cpu_w8a8")
+    if not ok:
+        return ok, why
     if layer.scale.device.type != "cpu":
         return False, "cpu_w8a8 runs on CPU tensors only"
     return cpu_w8a8.w8a8_supported(
@@ -197,6 +224,13 @@ def _w8a8_prepare(layer):
 
 def _w8a8_run(layer, state, x):
     from lowbit.kernels import cpu_w8a8
+
+    if layer.outlier_idx is not None:  # LLM.int8: the outlier columns run in float
+        idx = layer.outlier_idx.long()
+        inliers = x.clone()
+        inliers[..., idx] = 0
+        y = cpu_w8a8.w8a8_linear(inliers, state, layer.bias)
+        return y + F.linear(x[..., idx], layer.outlier_weight.to(x.dtype))
 
     return cpu_w8a8.w8a8_linear(x, state, layer.bias)
 

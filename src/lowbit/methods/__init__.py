@@ -1,7 +1,8 @@
 """How codes are chosen. Pure functions of (weight, scheme, statistics).
 
 Rounding methods return a ``QuantizedTensor``: ``rtn(w, scheme)``,
-``hqq(w, scheme, spec)``, ``gptq(w, scheme, hessian, spec)``. Transforms
+``hqq(w, scheme, spec)``, ``gptq(w, scheme, hessian, spec)``,
+``llm_int8(w, scheme, act_absmax, spec)``. Transforms
 (``awq``, ``smoothquant``) compute per-input-channel scales that the model
 walker folds into the preceding operation before the rounding step.
 """
@@ -14,16 +15,21 @@ import torch
 
 from lowbit.errors import CalibrationError
 from lowbit.methods.rtn import rtn
-from lowbit.scheme import GPTQ, HQQ, RTN, QuantScheme
+from lowbit.scheme import GPTQ, HQQ, RTN, LLMInt8, QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 __all__ = ["round_weight", "rtn"]
 
 
 def round_weight(
-    weight: torch.Tensor, scheme: QuantScheme, spec, hessian: Optional[torch.Tensor] = None
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    spec,
+    hessian: Optional[torch.Tensor] = None,
+    act_absmax: Optional[torch.Tensor] = None,
 ) -> QuantizedTensor:
-    """Quantize a 2-D ``[out, in]`` weight with the rounding step ``spec`` (RTN, HQQ or GPTQ)."""
+    """Quantize a 2-D ``[out, in]`` weight with the rounding step ``spec`` (RTN, HQQ, GPTQ or
+    LLMInt8); GPTQ needs the layer's ``hessian``, LLMInt8 its inputs' ``act_absmax``."""
     if isinstance(spec, RTN):
         return rtn(weight, scheme)
     if isinstance(spec, HQQ):
@@ -39,4 +45,13 @@ def round_weight(
         from lowbit.methods.gptq import gptq
 
         return gptq(weight, scheme, hessian, spec)
-    raise CalibrationError(f"{type(spec).__name__} is not a rounding method (use rtn, hqq or gptq)")
+    if isinstance(spec, LLMInt8):
+        if act_absmax is None:
+            raise CalibrationError(
+                "llm_int8 needs the layer's activation statistics from calibration data; quantize through "
+                "lowbit.quantize(model, recipe, calibration=...)"
+            )
+        from lowbit.methods.llm_int8 import llm_int8
+
+        return llm_int8(weight, scheme, act_absmax, spec)
+    raise CalibrationError(f"{type(spec).__name__} is not a rounding method (use rtn, hqq, gptq or llm_int8)")

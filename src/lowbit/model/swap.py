@@ -39,6 +39,7 @@ class LayerRecord:
     nbytes: int
     bits_per_weight: float
     sqnr_db: float
+    n_outliers: int = 0  # LLM.int8: input columns kept in float16
 
 
 @dataclass
@@ -67,6 +68,12 @@ class QuantizationReport:
     @property
     def quantized_bytes(self) -> int:
         return sum(r.nbytes for r in self.layers)
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Share of the quantized layers' input columns kept in float16 (LLM.int8; 0 otherwise)."""
+        cols = sum(r.in_features for r in self.layers)
+        return sum(r.n_outliers for r in self.layers) / cols if cols else 0.0
 
 
 def linear_kind(module: nn.Module) -> Optional[str]:
@@ -180,7 +187,8 @@ def install_quantized(
     out_f, in_f = qt.shape
     report.layers.append(
         LayerRecord(
-            name, layer.kind, in_f, out_f, layer.scheme.to_dict(), layer.rule, qt.nbytes, qt.bits_per_weight, err
+            name, layer.kind, in_f, out_f, layer.scheme.to_dict(), layer.rule, qt.nbytes, qt.bits_per_weight, err,
+            qt.n_outliers,
         )
     )
 

@@ -48,7 +48,7 @@ from lowbit.model.swap import (
     start_report,
     weight_as_linear,
 )
-from lowbit.scheme import AWQ, GPTQ, OFFLOAD, PROPAGATE, RTN, Recipe, SmoothQuant
+from lowbit.scheme import AWQ, GPTQ, OFFLOAD, PROPAGATE, RTN, LLMInt8, Recipe, SmoothQuant
 
 
 @dataclass(frozen=True)
@@ -451,6 +451,16 @@ class BlockWalker:
         rounding = self.recipe.rounding
         results: dict[str, tuple] = {}
         groups = [g for g in structure.groups if any(rel in layers and layers[rel].scheme is not None for rel in g.linears)]
+        if isinstance(rounding, LLMInt8):
+            stats = {g: ChannelStats(get_weight(block.get_submodule(g.linears[0])).shape[1]) for g in groups}
+            self._pass(block, inputs, pre={block.get_submodule(g.linears[0]): stats[g].add_batch for g in groups})
+            for g in groups:
+                for rel in g.linears:
+                    if rel in layers and layers[rel].scheme is not None:
+                        w = get_weight(block.get_submodule(rel))
+                        qt = round_weight(w, layers[rel].scheme, rounding, act_absmax=stats[g].abs_max)
+                        results[rel] = (qt, w)
+            return results
         if not isinstance(rounding, GPTQ):
             for g in groups:
                 for rel in g.linears:

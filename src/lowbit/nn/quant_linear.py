@@ -5,6 +5,9 @@ State dict (``N = out_features``, ``K = in_features``, ``G`` scale groups):
 * ``qweight``: uint8 ``[N, packed_row_bytes(K, bits)]`` (layout ``lowbit.bitstream.v1``)
 * ``scale``: scale dtype ``[N, G]`` (``[1, 1]`` per tensor)
 * ``zero``: uint8 ``[N, G]`` (affine schemes only; the scale dtype for ``zero_point='float'``)
+* double-quantized scales (``double_quant``): ``scale`` uint8 codes, ``scale_absmax``,
+  ``scale_offset``; LLM.int8 outliers: ``outlier_idx``, ``outlier_weight``
+  (all shapes in ``lowbit.tensor.stored_tensor_specs``)
 * ``bias``: ``[N]`` in the model's dtype (when the source layer had one)
 
 It computes ``y = x W^T + b`` like ``nn.Linear``; a GPT-2 ``Conv1D`` (weight
@@ -21,11 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lowbit import packing
 from lowbit.kernels import registry
-from lowbit.scheme import Granularity, QuantScheme
-from lowbit.tensor import QuantizedTensor
-from lowbit.formats import scale_torch_dtype, zero_torch_dtype
+from lowbit.scheme import QuantScheme
+from lowbit.tensor import QuantizedTensor, stored_tensor_specs
+
+# stored tensors that only some schemes have (None otherwise); qweight and scale always exist
+_OPTIONAL = ("zero", "scale_absmax", "scale_offset", "outlier_idx", "outlier_weight")
 
 
 def _identity(t: Optional[torch.Tensor]):
@@ -48,6 +52,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
         kernel: str = "auto",
+        n_outliers: int = 0,
     ) -> None:
         super().__init__()
         scheme.check_layer("QuantLinear", in_features)
@@ -55,17 +60,13 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.scheme = scheme
         self.kernel = kernel
-        if scheme.granularity is Granularity.TENSOR:
-            qshape = (1, 1)
-        else:
-            qshape = (out_features, scheme.n_groups(in_features))
-        row_bytes = packing.packed_row_bytes(in_features, scheme.bits)
-        self.register_buffer("qweight", torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.ones(qshape, dtype=scale_torch_dtype(scheme), device=device))
-        if scheme.symmetric:
-            self.zero = None
-        else:
-            self.register_buffer("zero", torch.zeros(qshape, dtype=zero_torch_dtype(scheme), device=device))
+        specs = stored_tensor_specs(scheme, out_features, in_features, n_outliers)
+        for name in _OPTIONAL:
+            if name not in specs:
+                setattr(self, name, None)
+        for name, (shape, dtype) in specs.items():
+            fill = torch.ones if name == "scale" and dtype.is_floating_point else torch.zeros
+            self.register_buffer(name, fill(shape, dtype=dtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -78,17 +79,23 @@ class QuantLinear(nn.Module):
     ) -> "QuantLinear":
         n, k = qt.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        layer = cls(k, n, qt.scheme, bias=bias is not None, dtype=dtype, kernel=kernel)
-        layer.qweight = qt.packed.contiguous()
-        layer.scale = qt.scale.contiguous()
-        if qt.zero is not None:
-            layer.zero = qt.zero.contiguous()
+        layer = cls(k, n, qt.scheme, bias=bias is not None, dtype=dtype, kernel=kernel, n_outliers=qt.n_outliers)
+        for name, t in qt.tensors().items():
+            setattr(layer, name, t.contiguous())
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
     def quantized_tensor(self) -> QuantizedTensor:
-        return QuantizedTensor(self.qweight, self.scale, self.zero, (self.out_features, self.in_features), self.scheme)
+        return QuantizedTensor(
+            self.qweight, self.scale, self.zero, (self.out_features, self.in_features), self.scheme,
+            scale_absmax=self.scale_absmax, scale_offset=self.scale_offset,
+            outlier_idx=self.outlier_idx, outlier_weight=self.outlier_weight,
+        )
+
+    @property
+    def n_outliers(self) -> int:
+        return 0 if self.outlier_idx is None else int(self.outlier_idx.numel())
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_tensor().dequantize(dtype)
@@ -104,7 +111,7 @@ class QuantLinear(nn.Module):
 
     def _prepared_state(self, k: registry.Kernel) -> Any:
         # data_ptr catches replaced tensors, _version catches in-place writes (load_state_dict)
-        key = tuple(_identity(t) for t in (self.qweight, self.scale, self.zero, self.bias))
+        key = tuple(_identity(t) for t in (self.qweight, self.scale, self.bias, *(getattr(self, n) for n in _OPTIONAL)))
         hit = self._prepared.get(k.name)
         if hit is not None and hit[0] == key:
             return hit[1]
