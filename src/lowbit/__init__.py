@@ -27,6 +27,12 @@ from lowbit.errors import (  # noqa: E402
 from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, Granularity, LLMInt8, QuantScheme, Recipe, Rule, SmoothQuant  # noqa: E402
 
 
+# `AutoModelForCausalLM.from_pretrained` of lowbit directories: registers the "lowbit" quantizer
+# when transformers loads its quantizer registry (never imports transformers here).
+from lowbit.integrations import register_transformers_on_import as _register_transformers  # noqa: E402
+
+_register_transformers()
+
 _API = ("quantize", "quantize_from_disk", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest")
 
 
