@@ -262,6 +262,47 @@ def test_quantize_from_disk_matches_in_memory(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_walk_frees_each_block_it_replaced(method):
+    """By the time the walker releases block i, nothing it keeps (its plan, its results) holds
+    block i's replaced nn.Linear layers: a streamed model would otherwise accumulate every
+    block's full-precision weights during the walk."""
+    import gc
+    import weakref
+
+    from lowbit.model.walker import quantize_sequential
+
+    model = tiny_llama(tie=False)
+    blocks = model.model.layers
+    originals = {i: [weakref.ref(m) for m in b.modules() if isinstance(m, torch.nn.Linear)] for i, b in enumerate(blocks)}
+    alive_at_release = {}
+
+    class CheckingSource:
+        def load(self, index, block):
+            pass
+
+        def release(self, index, block):
+            gc.collect()
+            alive_at_release[index] = sum(r() is not None for r in originals[index])
+
+    quantize_sequential(model, Recipe.uniform(W4, method=method), calib(4, 16), source=CheckingSource(), progress=False)
+    assert alive_at_release == {i: 0 for i in range(len(blocks))}
+
+
+def test_block_source_reads_owned_copies(tmp_path):
+    """Tensors read from the shards are copies: once read, no file mapping stays behind."""
+    from lowbit.model.streaming import _Reader, shard_index
+
+    model = tiny_llama(tie=False)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reader = _Reader(shard_index(tmp_path))
+    name = "model.layers.0.mlp.up_proj.weight"
+    t = reader.get(name)
+    assert torch.equal(t, model.state_dict()[name])
+    maps = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+    assert maps == []
+
+
 def _write_byte_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -46,11 +46,16 @@ def shard_index(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 class _Reader:
-    """Reads named tensors from the shards, opening each file once."""
+    """Reads named tensors from the shards.
+
+    Each read opens the shard, copies the tensor out and closes it again: safetensors maps a
+    shard into memory, and every page a read touches would otherwise stay resident in this
+    process (and count in its RSS) for as long as the file stays open or any tensor still views
+    the mapping, so a streamed walk would end up holding the whole model after all.
+    """
 
     def __init__(self, index: dict[str, pathlib.Path]) -> None:
         self.index = index
-        self._open: dict[pathlib.Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -58,9 +63,26 @@ class _Reader:
         path = self.index.get(name)
         if path is None:
             raise ModelSourceError(f"tensor {name!r} is in none of the checkpoint's shards")
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
+        with safe_open(str(path), framework="pt") as f:
+            t = f.get_tensor(name)
+            return t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors of a few MB come from glibc's heap once its dynamic mmap threshold has grown, and
+    freed heap pages stay in the process's RSS unless trimmed: without this, a streamed walk's
+    RSS keeps every block's (already freed) full-precision weights.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _assign(module: nn.Module, qualified: str, value: torch.Tensor) -> None:
@@ -69,7 +91,6 @@ def _assign(module: nn.Module, qualified: str, value: torch.Tensor) -> None:
     old = getattr(owner, attr)
     if tuple(old.shape) != tuple(value.shape):
         raise ModelSourceError(f"tensor {qualified!r} is {tuple(value.shape)} in the checkpoint, the model expects {tuple(old.shape)}")
-    value = value.to(torch.float32) if value.is_floating_point() else value
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, requires_grad=False))
     else:

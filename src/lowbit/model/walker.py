@@ -19,6 +19,8 @@ Linears outside the blocks (an LM head a rule quantizes) get the rounding withou
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import shutil
 import tempfile
@@ -291,6 +293,10 @@ class BlockWalker:
                 for rel, (qt, ref) in results.items():
                     install_quantized(self.model, layers[rel], qt, ref, self.report, self.owners)
                     done.add(layers[rel].name)
+                    # the plan must not keep the replaced full-precision module alive (streamed
+                    # models would otherwise accumulate every block's weights)
+                    self.plan[layers[rel].name] = dataclasses.replace(layers[rel], module=None)
+                del results, layers
                 self._round_uncalibrated(
                     [p for n, p in self.plan.items() if n.startswith(f"{prefix}.{i}.") and n not in done],
                     "saw no calibration tokens (never called in the traced forward pass)",
