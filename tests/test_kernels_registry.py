@@ -35,8 +35,9 @@ def x_for(k, m=5, seed=1):
         (QuantScheme(bits=8, granularity="channel", symmetric=False), "reference"),
         (QuantScheme(bits=8, group_size=64), "reference"),
         (QuantScheme(bits=4, group_size=48), "reference"),  # not a multiple of 32
-        (QuantScheme(bits=3, group_size=64), "reference"),
-        (QuantScheme(bits=2, group_size=64, symmetric=False), "reference"),
+        (QuantScheme(bits=3, group_size=64), "cpu_lut"),
+        (QuantScheme(bits=2, group_size=64, symmetric=False), "cpu_lut"),
+        (QuantScheme(bits=3, group_size=48), "reference"),  # cpu_lut: not a multiple of 32
     ],
 )
 def test_auto_picks_the_fast_kernel_only_where_it_applies(scheme, expected):

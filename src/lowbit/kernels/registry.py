@@ -19,7 +19,9 @@ Every kernel honours ``layer.scheme.activations``: for W8A8 schemes
 (``activations="int8"``) ``reference`` and ``dequantized`` first apply
 ``formats.fake_quantize_activations_int8`` to the input, ``cpu_w8a8`` runs the
 same numerics on integers, and the weight-only kernels (``cpu_int4``,
-``cpu_int8``) report such layers as unsupported.
+``cpu_int8``, ``cpu_lut``) report such layers as unsupported. (``cpu_lut``, for
+2/3-bit weights, quantizes activations on its own, per block of 32, to run on
+int8 dot products; its twin is pinned in ``tests/test_kernels_lut.py``.)
 """
 
 from __future__ import annotations
@@ -235,6 +237,25 @@ def _w8a8_run(layer, state, x):
     return cpu_w8a8.w8a8_linear(x, state, layer.bias)
 
 
+# -- CPU LUT (lowbit's own C kernel, cpu_lut.py): 2- and 3-bit integer codes ----
+def _lut_supports(layer) -> tuple[bool, str]:
+    from lowbit.kernels import cpu_lut
+
+    return cpu_lut.layer_supported(layer, _weight_only(layer, "cpu_lut"), _scheme_group(layer))
+
+
+def _lut_prepare(layer):
+    from lowbit.kernels import cpu_lut
+
+    return cpu_lut.prepare_layer(layer, _scheme_group(layer))
+
+
+def _lut_run(layer, state, x):
+    from lowbit.kernels import cpu_lut
+
+    return cpu_lut.lut_linear(x, state, layer.bias)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -245,6 +266,8 @@ KERNELS: dict[str, Kernel] = {
         Kernel("dequantized", _ref_supports, _dequantized_prepare, _dequantized_run, priority=-1),
         Kernel("cpu_int4", _int4_supports, _int4_prepare, _int4_run, priority=10),
         Kernel("cpu_int8", _int8_supports, _int8_prepare, _int8_run, priority=10),
+        # W2/W3 integer layers; int8 activations per block of 32 (see cpu_lut.py)
+        Kernel("cpu_lut", _lut_supports, _lut_prepare, _lut_run, priority=10),
         # W8A8 layers only (the weight-only kernels above refuse them, so "auto" lands here)
         Kernel("cpu_w8a8", _w8a8_supports, _w8a8_prepare, _w8a8_run, priority=20),
     )
