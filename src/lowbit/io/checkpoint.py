@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,6 +40,7 @@ from torch import nn
 
 import lowbit
 from lowbit import packing
+from lowbit.io.atomic import write_atomically
 from lowbit.errors import (
     CheckpointError,
     ManifestError,
@@ -151,27 +151,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, metadata_format: str = 
     tensors, aliases = _dedupe(state)
     manifest = build_manifest(model, tensors, aliases)
     metadata = {"format": metadata_format, "lowbit_manifest": json.dumps(manifest)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ---------------------------------------------------------------------------
