@@ -316,3 +316,47 @@ def test_quantize_llm_int8_needs_calibration_and_w8a8(tiny_dir, tmp_path, capsys
     rc, _, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--no-progress", "--method", "llm_int8",
                                "--bits", "8", "--granularity", "channel"])
     assert rc != 0 and "W8A8" in err and not out.exists()
+
+
+@pytest.mark.parametrize("to", ["gptq", "compressed-tensors", "hf", "gguf"])
+def test_export_command_writes_what_the_importers_read_back(tiny_dir, tiny_ckpt, tmp_path, capsys, to):
+    import lowbit
+
+    out = tmp_path / ("m.gguf" if to == "gguf" else "out")
+    argv = ["export", str(tiny_ckpt), "--to", to, "-o", str(out), "--no-progress", "--tokenizer", str(tiny_dir)]
+    if to == "gguf":
+        argv += ["--gguf-type", "Q8_0"]
+    if to == "gptq":  # fp32 scales: exact export refuses, naming the layer; rounding is opt-in
+        rc, _, err = _run(capsys, argv)
+        assert rc != 0 and "q_proj" in err and "allow_scale_rounding" in err and not out.exists()
+        argv += ["--allow-scale-rounding"]
+    rc, stdout, err = _run(capsys, argv)
+    assert rc == 0, err
+    assert "wrote" in stdout
+    original = lowbit.load(tiny_ckpt)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = original(ids).logits
+        if to == "gptq":
+            from lowbit.io.gptq import import_gptq
+
+            got = import_gptq(out)(ids).logits  # scales rounded to fp16
+            assert float((got - want).abs().max()) < 1e-2 * float(want.abs().max())
+        elif to == "compressed-tensors":
+            from lowbit.io.compressed_tensors import import_compressed_tensors
+
+            assert torch.equal(import_compressed_tensors(out)(ids).logits, want)
+        elif to == "hf":
+            from transformers import AutoModelForCausalLM
+
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(ids).logits, want)
+        else:
+            from lowbit.io.gguf import import_gguf
+
+            got = import_gguf(out)(ids).logits  # w4 g64 re-encoded as Q8_0: close, not equal
+            assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_export_of_a_full_precision_source_needs_gguf(tiny_dir, tmp_path, capsys):
+    rc, _, err = _run(capsys, ["export", str(tiny_dir), "--to", "gptq", "-o", str(tmp_path / "o"), "--no-progress"])
+    assert rc != 0 and "lowbit checkpoint" in err and not (tmp_path / "o").exists()
