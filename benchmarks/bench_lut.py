@@ -45,15 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lowbit import codebooks
 from lowbit.kernels import cpu_lut
 
-# NF4 code values (QLoRA, Dettmers et al. 2023, appendix E; the bitsandbytes table)
-NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230449867249, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-]
+# NF4 code values: the bitsandbytes table (lowbit.codebooks)
+NF4 = codebooks.table("nf4").tolist()
 
 
 def llc_bytes() -> int:
