@@ -33,7 +33,6 @@ same logits.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,13 +83,7 @@ def save_pretrained(model: torch.nn.Module, directory, tokenizer=None) -> Path:
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        stale = directory / hc.INDEX_NAME
-        if stale.exists():
-            stale.unlink()
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, directory / f.name)
+        hc.move_files_into(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -299,7 +299,6 @@ def import_compressed_tensors(directory) -> nn.Module:
 
     Codes, scales and zero points come over unchanged; see the module doc for what is refused.
     """
-    from lowbit.model.swap import linear_kind, weight_as_linear
 
     directory = Path(directory)
     config = hc.read_config(directory)
@@ -312,16 +311,8 @@ def import_compressed_tensors(directory) -> nn.Module:
     raw, dense = hc.split_layers(tensors, "weight_scale")
     model = hc.build_skeleton(config, directory)
     layers = {}
-    for name, t in raw.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise TensorMismatchError(f"{directory}: the checkpoint quantizes {name!r}, which the model lacks") from None
-        kind = linear_kind(module)
-        if kind is None:
-            raise TensorMismatchError(f"{directory}: {name!r} is a {type(module).__name__} in the model, not a linear layer")
+    for name, (module, shape) in hc.quantized_targets(model, raw, directory).items():
         group = _group_for(name, module, qcfg, directory)
-        shape = tuple(int(s) for s in weight_as_linear(module, kind).shape)
-        layers[name] = layer_from_tensors(name, t, group, shape, directory)
+        layers[name] = layer_from_tensors(name, raw[name], group, shape, directory)
     hc.install_layers(model, layers, directory)
     return hc.finish_import(model, dense, directory, "compressed-tensors")

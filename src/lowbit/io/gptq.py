@@ -223,7 +223,6 @@ def import_gptq(directory) -> nn.Module:
     Codes, scales and zero points come over unchanged. Act-order checkpoints whose ``g_idx`` is
     a permutation are refused (FormatError): lowbit's groups are contiguous columns.
     """
-    from lowbit.model.swap import linear_kind, weight_as_linear
 
     directory = Path(directory)
     config = hc.read_config(directory)
@@ -231,16 +230,7 @@ def import_gptq(directory) -> nn.Module:
     tensors = hc.read_tensors(directory)
     raw, dense = hc.split_layers(tensors, "qweight")
     model = hc.build_skeleton(config, directory)
-    layers = {}
-    for name, t in raw.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise TensorMismatchError(f"{directory}: the checkpoint quantizes {name!r}, which the model lacks") from None
-        kind = linear_kind(module)
-        if kind is None:
-            raise TensorMismatchError(f"{directory}: {name!r} is a {type(module).__name__} in the model, not a linear layer")
-        shape = tuple(int(s) for s in weight_as_linear(module, kind).shape)
-        layers[name] = layer_from_tensors(name, t, qcfg, shape, directory)
+    targets = hc.quantized_targets(model, raw, directory)
+    layers = {name: layer_from_tensors(name, raw[name], qcfg, shape, directory) for name, (_, shape) in targets.items()}
     hc.install_layers(model, layers, directory)
     return hc.finish_import(model, dense, directory, "GPTQ")

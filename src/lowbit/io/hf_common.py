@@ -257,16 +257,22 @@ def write_hf_directory(
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        stale = directory / INDEX_NAME  # a sharded index would shadow the single file
-        if stale.exists():
-            stale.unlink()
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, directory / f.name)
+        move_files_into(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def move_files_into(tmp: Path, directory: Path) -> None:
+    """fsync every file written in ``tmp`` and move it into ``directory`` with ``os.replace``
+    (a stale sharded index, which would shadow the single weights file, is removed first)."""
+    stale = directory / INDEX_NAME
+    if stale.exists():
+        stale.unlink()
+    for f in sorted(tmp.iterdir()):
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(f, directory / f.name)
 
 
 # ---------------------------------------------------------------------------
@@ -324,6 +330,24 @@ def build_skeleton(config_dict: dict[str, Any], directory: PathLike) -> nn.Modul
     with init_empty_weights(include_buffers=False):
         model = arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     return model
+
+
+def quantized_targets(model: nn.Module, names, directory: PathLike) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
+    """``name -> (module, (out, in))`` for every layer a checkpoint quantizes; a name the model
+    lacks or that is not a linear layer is a TensorMismatchError naming it."""
+    from lowbit.model.swap import linear_kind, weight_as_linear
+
+    out = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise TensorMismatchError(f"{directory}: the checkpoint quantizes {name!r}, which the model lacks") from None
+        kind = linear_kind(module)
+        if kind is None:
+            raise TensorMismatchError(f"{directory}: {name!r} is a {type(module).__name__} in the model, not a linear layer")
+        out[name] = (module, tuple(int(s) for s in weight_as_linear(module, kind).shape))
+    return out
 
 
 def install_layers(model: nn.Module, layers: dict[str, QuantLinear], directory: PathLike) -> None:
@@ -431,8 +455,6 @@ def reconcile(
     with it exactly: scales convert back without loss, symmetric layers have the fixed zero
     ``2**(bits-1)`` everywhere, per-tensor layers one scale. Otherwise the inferred scheme wins.
     """
-    from dataclasses import replace
-
     from lowbit.formats import scale_torch_dtype
     from lowbit.scheme import Granularity, QuantScheme
 
