@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+from typing import Optional
 
 import torch
 
@@ -26,12 +27,31 @@ CHECKSUM_FILE = "SHA256SUMS"
 WIKITEXT2_TEST_NAME = "WikiText-2 (raw) test"
 
 
+def _clone_origin(start: pathlib.Path) -> Optional[pathlib.Path]:
+    """The local directory this git checkout was cloned from, if it was cloned from a local path."""
+    for ancestor in (start, *start.parents):
+        config = ancestor / ".git" / "config"
+        if config.is_file():
+            in_origin = False
+            for line in config.read_text(errors="replace").splitlines():
+                line = line.strip()
+                if line.startswith("["):
+                    in_origin = line == '[remote "origin"]'
+                elif in_origin and line.startswith("url"):
+                    url = line.split("=", 1)[1].strip().removeprefix("file://")
+                    path = pathlib.Path(url)
+                    return path.resolve() if path.is_absolute() and path.is_dir() else None
+            return None
+    return None
+
+
 def find_data_dir() -> pathlib.Path:
     """The directory holding evaluation data.
 
     ``$LOWBIT_DATA_DIR`` if set; otherwise the first ``<ancestor>/shared/data``
     found walking up from this file's directory, then from the current
-    working directory. Raises DataError (with the fix) when none exists.
+    working directory, then (for a clone of a local checkout, as CI makes in a
+    temporary directory) from the checkout it was cloned from. Raises DataError (with the fix) when none exists.
     """
     env = os.environ.get(DATA_DIR_ENV)
     if env:
@@ -43,6 +63,9 @@ def find_data_dir() -> pathlib.Path:
             )
         return path
     starts = [pathlib.Path(__file__).resolve().parent, pathlib.Path.cwd().resolve()]
+    origin = _clone_origin(pathlib.Path(__file__).resolve().parent)
+    if origin is not None:  # a clone made elsewhere (CI's temporary checkout): its origin's neighbours
+        starts.append(origin)
     for start in starts:
         for ancestor in (start, *start.parents):
             candidate = ancestor / "shared" / "data"
