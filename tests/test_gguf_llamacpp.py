@@ -1,4 +1,6 @@
-"""llama.cpp itself on lowbit's GGUF files (skipped unless llama-cpp-python is installed).
+"""llama.cpp itself on lowbit's GGUF files (skipped unless llama-cpp-python is installed;
+``scripts/test.sh``, which CI runs, installs it and sets ``LOWBIT_REQUIRE_LLAMACPP=1`` so
+that a missing package fails there instead of skipping).
 
 * ``llama_model_quantize`` (llama.cpp's own quantizer and type mix) applied to
   our F32 export produces, tensor for tensor, the very bytes and types that
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 import pytest
@@ -23,7 +26,10 @@ from lowbit.io.gguf import export_gguf, import_gguf, mix
 from gguf_helpers import write_tokenizer_gguf
 from tiny_models import random_ids
 
-llama_cpp = pytest.importorskip("llama_cpp")
+if os.environ.get("LOWBIT_REQUIRE_LLAMACPP") == "1":
+    import llama_cpp
+else:
+    llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def small_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
