@@ -853,3 +853,65 @@ def test_group_size_with_a_non_group_granularity_is_an_error_not_dropped():
     assert QuantScheme(bits=8, granularity="channel").group_size is None
     with pytest.raises(SchemeError, match="only applies to granularity 'group'"):
         QuantScheme(bits=8, granularity="channel", group_size=128)
+
+
+# ---------------------------------------------------------------------------
+# search_qparams: the clipping search of GPTQ's reference (mse=True)
+# ---------------------------------------------------------------------------
+_SEARCH_SCHEMES = [
+    QuantScheme(bits=4, group_size=32),
+    QuantScheme(bits=3, symmetric=False, group_size=64),
+    QuantScheme(bits=2, symmetric=False, zero_point="float", group_size=32),
+    QuantScheme(bits=4, symmetric=False, granularity="channel", scale_dtype="float16"),
+    QuantScheme(bits=3, granularity="tensor"),
+]
+
+
+def _heavy_tailed(seed: int, shape=(24, 128)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).pow(3) * 0.01
+
+
+@pytest.mark.parametrize("scheme", _SEARCH_SCHEMES, ids=lambda s: s.short_name)
+def test_search_qparams_never_worse_than_min_max_and_helps_on_heavy_tails(scheme):
+    w = _heavy_tailed(0)
+    plain = formats.choose_qparams(w, scheme)
+    found = formats.search_qparams(w, scheme)
+    err_plain = formats._group_error(w, plain, scheme, 2.4)
+    err_found = formats._group_error(w, found, scheme, 2.4)
+    assert bool((err_found <= err_plain).all())
+    # cubed normals have long tails: clipping must pay off on many groups
+    assert float((err_found < err_plain).float().mean()) >= 0.25
+    assert float(err_found.sum()) <= 0.97 * float(err_plain.sum())
+    assert found.scale.dtype == plain.scale.dtype and found.scale.shape == plain.scale.shape
+    assert (found.zero is None) == (plain.zero is None)
+    if found.zero is not None:
+        assert found.zero.dtype == plain.zero.dtype
+
+
+@pytest.mark.parametrize("scheme", _SEARCH_SCHEMES, ids=lambda s: s.short_name)
+def test_search_qparams_with_one_candidate_is_choose_qparams(scheme):
+    w = _heavy_tailed(1)
+    plain = formats.choose_qparams(w, scheme)
+    found = formats.search_qparams(w, scheme, grid=1, max_shrink=0.5)  # only f = 1
+    assert torch.equal(found.scale, plain.scale)
+    assert (found.zero is None and plain.zero is None) or torch.equal(found.zero, plain.zero)
+
+
+def test_search_qparams_keeps_the_unclipped_range_on_uniform_weights():
+    """Weights already on the min/max grid: any clip adds error, so f = 1 is kept."""
+    scheme = QuantScheme(bits=4, symmetric=False, group_size=32)
+    codes = torch.arange(16).repeat(8, 4).float()  # [8, 64], every code used in each group
+    w = (codes - 3) * 0.01
+    assert torch.equal(formats.search_qparams(w, scheme).scale, formats.choose_qparams(w, scheme).scale)
+
+
+def test_search_qparams_rejects_other_formats_and_bad_grids():
+    w = _heavy_tailed(2)
+    with pytest.raises(FormatError, match="integer format"):
+        formats.search_qparams(w, QuantScheme(format="nf4"))
+    with pytest.raises(FormatError, match="grid"):
+        formats.search_qparams(w, QuantScheme(bits=4, group_size=32), grid=0)
+    w[0, 0] = float("nan")
+    with pytest.raises(FormatError, match="NaN"):
+        formats.search_qparams(w, QuantScheme(bits=4, group_size=32))

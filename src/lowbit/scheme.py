@@ -340,12 +340,19 @@ class GPTQ:
     batch update; ``act_order``: process columns by descending Hessian diagonal (group
     parameters stay static, so the stored layout is unchanged); ``true_sequential``: within a
     block, collect each stage's statistics after the earlier stages are quantized.
+    ``clip_search``: choose each group's range by the GPTQ reference's weight-error search
+    (``formats.search_qparams`` with ``clip_grid``, ``max_shrink``, ``clip_norm``) instead of
+    its min/max; off by default (then GPTQ with ``H = I`` is RTN bit for bit).
     """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
     true_sequential: bool = True
+    clip_search: bool = False
+    clip_grid: int = 100
+    max_shrink: float = 0.8
+    clip_norm: float = 2.4
     name = "gptq"
     kind = "rounding"
     needs_calibration = True
@@ -353,7 +360,10 @@ class GPTQ:
     def __post_init__(self) -> None:
         _check_range("GPTQ", "damp", self.damp, 0.0, 1.0)
         _check_range("GPTQ", "block_size", self.block_size, 1, 1 << 16, integer=True)
-        for f in ("act_order", "true_sequential"):
+        _check_range("GPTQ", "clip_grid", self.clip_grid, 1, 10_000, integer=True)
+        _check_range("GPTQ", "max_shrink", self.max_shrink, 1e-6, 1.0)
+        _check_range("GPTQ", "clip_norm", self.clip_norm, 1e-6, 100.0)
+        for f in ("act_order", "true_sequential", "clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise SchemeError(f"GPTQ.{f} must be True or False")
 

@@ -12,7 +12,8 @@ Shapes (``N = out``, ``K = in``, ``G`` = group size):
 * the result: ``QuantizedTensor`` with ``scale``/``zero`` exactly as
   ``formats.quantize_weight`` makes them (``[N, K/G]``, ``[N, 1]`` or ``[1, 1]``).
 
-Quantization parameters always come from ``formats.choose_qparams`` and codes
+Quantization parameters always come from ``formats.choose_qparams`` (or, with
+``GPTQ(clip_search=True)``, ``formats.search_qparams``) and codes
 from ``formats.quantize``, so the numerics (scale dtype rounding, integer or
 float zero points) are those of RTN; with a Hessian that has no off-diagonal
 terms there is no error feedback and GPTQ returns RTN's result bit for bit.
@@ -56,13 +57,15 @@ def _suggest_damp(damp: float) -> str:
 
 def _prepare_hessian(
     hessian: torch.Tensor, damp: float, act_order: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """From the caller's ``hessian`` (``[K, K]``, left untouched) to ``(U, dead, perm)``.
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """From the caller's ``hessian`` (``[K, K]``, left untouched) to ``(U, dead, perm, diag)``.
 
     ``dead``: bool ``[K]``, columns with ``diag(H) == 0``; ``perm``: long ``[K]``, the
     processing order (descending ``diag(H)``, stable) or None for the natural order;
     ``U``: float32 ``[K, K]``, upper triangular with ``U^T U = (H_p + damp * mean(diag H) I)^-1``
-    where ``H_p`` is ``H`` with dead columns decoupled (``H[i, i] = 1``) and permuted by ``perm``.
+    where ``H_p`` is ``H`` with dead columns decoupled (``H[i, i] = 1``) and permuted by ``perm``;
+    ``diag``: float32 ``[K]``, ``diag(H)`` undamped in the natural column order (each input
+    column's mean square activation, times 2), the weights of ``clip_search``'s error.
 
     All intermediates live in this frame and are freed as soon as they are used, so at most
     two ``[K, K]`` float32 matrices exist at once (besides the caller's ``hessian``).
@@ -73,6 +76,7 @@ def _prepare_hessian(
             "the Hessian contains NaN/Inf values: the calibration activations overflowed; "
             "calibrate in float32 or bfloat16, or check the model and the calibration data"
         )
+    hdiag = h.diagonal().clone()  # [K]
     # dead columns: their input is always zero, so their weights do not matter; decouple them
     dead = h.diagonal() == 0  # [K]
     if bool(dead.any()):
@@ -105,7 +109,7 @@ def _prepare_hessian(
             f"the inverse Hessian is numerically singular with damp={damp}; raise the dampening, "
             f"e.g. {_suggest_damp(damp)}, or calibrate on more tokens"
         )
-    return upper, dead, perm
+    return upper, dead, perm, hdiag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,21 +117,22 @@ class PreparedHessian:
     """What GPTQ derives from a Hessian once, shareable by every linear that reads the same
     input (q/k/v, gate/up): ``upper`` float32 ``[K, K]`` (upper Cholesky factor of the damped,
     permuted inverse), ``dead`` bool ``[K]``, ``perm`` long ``[K]`` or None, and the spec
-    fields it depends on."""
+    fields it depends on; ``diag`` float32 ``[K]`` is the undamped ``diag(H)``."""
 
     upper: torch.Tensor
     dead: torch.Tensor
     perm: Optional[torch.Tensor]
     damp: float
     act_order: bool
+    diag: torch.Tensor
 
 
 def prepare_hessian(hessian: torch.Tensor, spec: GPTQ = GPTQ()) -> PreparedHessian:
     """Validate, damp, (permute) and factor ``hessian`` ``[K, K]`` for ``gptq``."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CalibrationError(f"a Hessian must be square [in, in], got shape {tuple(hessian.shape)}")
-    u, dead, perm = _prepare_hessian(hessian, spec.damp, spec.act_order, hessian.device)
-    return PreparedHessian(u, dead, perm, spec.damp, spec.act_order)
+    u, dead, perm, diag = _prepare_hessian(hessian, spec.damp, spec.act_order, hessian.device)
+    return PreparedHessian(upper=u, dead=dead, perm=perm, damp=spec.damp, act_order=spec.act_order, diag=diag)
 
 
 def gptq(
@@ -161,18 +166,27 @@ def gptq(
     if isinstance(hessian, PreparedHessian):
         if (hessian.damp, hessian.act_order) != (spec.damp, spec.act_order):
             raise CalibrationError("the PreparedHessian was made with another damp/act_order than this spec")
-        u, dead, perm = hessian.upper.to(device), hessian.dead.to(device), hessian.perm
+        u, dead, perm, hdiag = hessian.upper.to(device), hessian.dead.to(device), hessian.perm, hessian.diag.to(device)
         perm = None if perm is None else perm.to(device)
     else:
-        u, dead, perm = _prepare_hessian(hessian, spec.damp, spec.act_order, device)  # U: [K, K]
+        u, dead, perm, hdiag = _prepare_hessian(hessian, spec.damp, spec.act_order, device)  # U: [K, K]
     w[:, dead] = 0
+
+    def choose_qparams(x: torch.Tensor, first_col: int = 0) -> QParams:
+        """Parameters for the columns ``first_col ..`` of the weight (natural order)."""
+        if spec.clip_search:
+            cols = hdiag[first_col : first_col + x.shape[1]]
+            return formats.search_qparams(
+                x, scheme, grid=spec.clip_grid, max_shrink=spec.max_shrink, norm=spec.clip_norm, column_weights=cols
+            )
+        return formats.choose_qparams(x, scheme)
 
     group = scheme.granularity is Granularity.GROUP
     gsize = scheme.group_size if group else n_in
     static = (not group) or spec.act_order
     if static:
         # [N, K/G] (group), [N, 1] (channel) or [1, 1] (tensor), from the whole weight up front
-        qp_static = formats.choose_qparams(w, scheme)
+        qp_static = choose_qparams(w)
         scale, zero = qp_static.scale, qp_static.zero
         # per column j (in processing order): s_all[:, col_group[j]] and z_all[:, col_group[j]]
         s_all = scale.expand(n_out, scale.shape[1])  # [1, 1] (tensor) -> [N, 1]
@@ -211,7 +225,7 @@ def gptq(
                 if end > i2:
                     rest = w[:, i2:end] - err1[:, :i] @ u[i1:j, i2:end]
                     cur = torch.cat([cur, rest], dim=1)
-                qp = formats.choose_qparams(cur, scheme)  # [N, 1]
+                qp = choose_qparams(cur, j)  # [N, 1]
                 s_col, z_col = qp.scale[:, 0], None if qp.zero is None else qp.zero[:, 0]
                 scale[:, j // gsize] = s_col
                 if zero is not None:
