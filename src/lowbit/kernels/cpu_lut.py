@@ -86,42 +86,29 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.errors import KernelError
+from lowbit.kernels import clib
 from lowbit.kernels.activations import finish
 
 TILE_N = 16
 BLOCK_K = 32
-LIB_STEM = "_lut_cpu"
-_ABI = 3
 
 
 # -- the compiled library ----------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[Optional[ctypes.CDLL], str]:
     """(library, "") or (None, why it cannot be used). Loaded once, on first use."""
-    here = Path(__file__).resolve().parent
-    paths = [here / (LIB_STEM + s) for s in importlib.machinery.EXTENSION_SUFFIXES]
-    path = next((p for p in paths if p.is_file()), None)
-    if path is None:
-        return None, (
-            f"the compiled LUT kernel ({LIB_STEM}*.so in {here}) is missing; "
-            "rebuild it with `pip install -e .` (needs a C compiler)"
-        )
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"cannot load {path}: {e}; rebuild it with `pip install -e .`"
+    lib, why = clib.load()
+    if lib is None:
+        return None, why
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.lowbit_lut_abi_version.restype = ctypes.c_int
     lib.lowbit_lut_cpu_supported.restype = ctypes.c_int
     lib.lowbit_lut_linear.restype = ctypes.c_int
     lib.lowbit_lut_linear.argtypes = [vp, i64, i64, i64, vp, i64, ctypes.c_int, i64, vp, ctypes.c_float,
@@ -130,8 +117,6 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.lowbit_lut_read_probe.argtypes = [vp, i64, ctypes.c_int]
     lib.lowbit_lut_quantize_activations.restype = ctypes.c_int
     lib.lowbit_lut_quantize_activations.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp]
-    if lib.lowbit_lut_abi_version() != _ABI:
-        return None, f"{path} is from another lowbit version; rebuild it with `pip install -e .`"
     if not lib.lowbit_lut_cpu_supported():
         return None, "this CPU lacks AVX-512 F/BW/DQ/VL/VNNI, which the LUT kernel needs"
     return lib, ""

@@ -21,7 +21,9 @@ Every kernel honours ``layer.scheme.activations``: for W8A8 schemes
 same numerics on integers, and the weight-only kernels (``cpu_int4``,
 ``cpu_int8``, ``cpu_lut``) report such layers as unsupported. (``cpu_lut``, for
 2/3-bit weights, quantizes activations on its own, per block of 32, to run on
-int8 dot products; its twin is pinned in ``tests/test_kernels_lut.py``.)
+int8 dot products; its twin is pinned in ``tests/test_kernels_lut.py``. ``cpu_fp8``,
+for FP8 weights, takes unrounded activations, or rounds them to FP8 in torch first exactly
+as ``reference`` does for ``activations="fp8_e4m3"``; pinned in ``tests/test_kernels_fp8.py``.)
 """
 
 from __future__ import annotations
@@ -256,6 +258,35 @@ def _lut_run(layer, state, x):
     return cpu_lut.lut_linear(x, state, layer.bias)
 
 
+# -- CPU FP8 (lowbit's own C kernel, cpu_fp8.py): fp8_e4m3 / fp8_e5m2 weights ----
+def _fp8_supports(layer) -> tuple[bool, str]:
+    from lowbit.kernels import cpu_fp8
+
+    s = layer.scheme
+    if s.format not in cpu_fp8.FORMATS:
+        return False, f"cpu_fp8 runs {sorted(cpu_fp8.FORMATS)} weights only, not {s.format!r}"
+    if s.activations not in (None, "fp8_e4m3"):
+        return False, f"cpu_fp8 cannot quantize activations to {s.activations!r}"
+    if s.granularity is Granularity.GROUP:
+        return False, "cpu_fp8 needs one scale per output channel or per tensor"
+    if layer.scale.device.type != "cpu":
+        return False, "cpu_fp8 runs on CPU tensors only"
+    return cpu_fp8.available()
+
+
+def _fp8_prepare(layer):
+    from lowbit.kernels import cpu_fp8
+
+    return cpu_fp8.prepare(layer.quantized_tensor().codes(), layer.scale, layer.scheme.format)
+
+
+def _fp8_run(layer, state, x):
+    from lowbit.kernels import cpu_fp8
+
+    # fp8 activations are rounded in torch first, exactly as the reference kernel does
+    return cpu_fp8.fp8_linear(_activations(layer, x), state, layer.bias)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -268,6 +299,8 @@ KERNELS: dict[str, Kernel] = {
         Kernel("cpu_int8", _int8_supports, _int8_prepare, _int8_run, priority=10),
         # W2/W3 integer layers; int8 activations per block of 32 (see cpu_lut.py)
         Kernel("cpu_lut", _lut_supports, _lut_prepare, _lut_run, priority=10),
+        # FP8 weights, activations unrounded or rounded to fp8 as in the reference (see cpu_fp8.py)
+        Kernel("cpu_fp8", _fp8_supports, _fp8_prepare, _fp8_run, priority=10),
         # W8A8 layers only (the weight-only kernels above refuse them, so "auto" lands here)
         Kernel("cpu_w8a8", _w8a8_supports, _w8a8_prepare, _w8a8_run, priority=20),
     )

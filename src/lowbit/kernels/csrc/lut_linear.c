@@ -41,7 +41,7 @@
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
-int lowbit_lut_abi_version(void) { return 3; }
+int lowbit_lut_abi_version(void) { return 4; }
 
 int lowbit_lut_cpu_supported(void) {
     __builtin_cpu_init();
