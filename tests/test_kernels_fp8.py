@@ -8,8 +8,6 @@ scale or tail mask shows up at the size of the terms, far above the bound).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,29 +20,16 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
+from compiled_kernels import require_kernel
+
 U = 2.0**-24
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def _cpu_can_run() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "f16c"))
-
-
 @pytest.fixture(autouse=True)
 def compiled(request):
-    """The kernel must be built wherever the CPU can run it (a missing build fails, never skips)."""
-    if request.node.name.startswith("test_missing_library"):
-        return
-    ok, why = cpu_fp8.available()
-    if not ok:
-        if not _cpu_can_run():
-            pytest.skip(f"CPU cannot run cpu_fp8: {why}")
-        pytest.fail(f"cpu_fp8 is not usable on a CPU that supports it: {why}")
+    if not request.node.name.startswith("test_missing_library"):
+        require_kernel("cpu_fp8", cpu_fp8.available, ("avx512f", "avx512bw", "avx512vl", "f16c"))
 
 
 def _finite_codes(fmt: str) -> torch.Tensor:

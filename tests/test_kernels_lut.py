@@ -10,7 +10,6 @@ shows up at the size of those terms, far above the bound).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,29 +24,16 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
+from compiled_kernels import require_kernel
+
 U = 2.0**-24
 _FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 
 
-def _cpu_can_run() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in _FLAGS)
-
-
 @pytest.fixture(autouse=True)
 def compiled(request):
-    """The kernel must be built wherever the CPU can run it (a missing build fails, never skips)."""
-    if request.node.name.startswith("test_missing_library"):
-        return
-    ok, why = cpu_lut.available()
-    if not ok:
-        if not _cpu_can_run():
-            pytest.skip(f"CPU cannot run cpu_lut: {why}")
-        pytest.fail(f"cpu_lut is not usable on a CPU that supports it: {why}")
+    if not request.node.name.startswith("test_missing_library"):
+        require_kernel("cpu_lut", cpu_lut.available, _FLAGS)
 
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
