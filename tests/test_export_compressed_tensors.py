@@ -36,7 +36,10 @@ SCHEMES = [
     QuantScheme(bits=8, granularity="channel", scale_dtype="float16"),
     QuantScheme(bits=4, granularity="tensor", symmetric=False),
     QuantScheme(bits=8, granularity="channel", activations="int8"),
+    QuantScheme(format="fp8_e4m3"),
+    QuantScheme(format="fp8_e4m3", granularity="tensor", activations="fp8_e4m3", scale_dtype="bfloat16"),
 ]
+FP8_SCHEMES = SCHEMES[-2:]
 
 
 def quantized(scheme, **kw):
@@ -102,7 +105,9 @@ def test_round_trip_is_exact(tmp_path, scheme):
     cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["quantization_status"] == "compressed"
     assert cfg["ignore"] == ["lm_head"]
-    want = "int-quantized" if scheme.activations == "int8" else "pack-quantized"
+    want = {"int8": "int-quantized"}.get(scheme.activations, "pack-quantized")
+    if scheme.format == "fp8_e4m3":
+        want = "float-quantized"
     assert cfg["format"] == want
 
 
@@ -184,12 +189,48 @@ def test_compressed_tensors_compressor_agrees_byte_for_byte(tmp_path, scheme):
         assert torch.equal(back, qt.dequantize(torch.float32).to(back.dtype)), name
 
 
+@pytest.mark.parametrize("scheme", FP8_SCHEMES, ids=lambda s: s.short_name)
+def test_fp8_export_agrees_with_compressed_tensors_float_compressor(tmp_path, scheme):
+    """float-quantized: its compressor rounds our dequantized weights with our scales to our very
+    bytes, and its decompressor gives back our weights; the config names FP8 weights (and
+    dynamic per-token FP8 activations when the scheme has them)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    m = quantized(scheme)
+    export_compressed_tensors(m, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert raw["format"] == "float-quantized"
+    cfg = QuantizationConfig.model_validate(raw)
+    group = next(iter(cfg.config_groups.values()))
+    assert group.weights.type == "float" and group.weights.num_bits == 8
+    assert (group.input_activations is not None) == (scheme.activations == "fp8_e4m3")
+    if group.input_activations is not None:
+        a = group.input_activations
+        assert (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True)
+    compressor = BaseCompressor.get_value_from_registry(cfg.format)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        qt = m.get_submodule(name).quantized_tensor()
+        mine = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(name + ".")}
+        assert mine["weight"].dtype == torch.float8_e4m3fn
+        assert torch.equal(mine["weight"].view(torch.uint8), qt.codes())
+        state = {"weight": qt.dequantize(torch.float32), "weight_scale": mine["weight_scale"].float()}
+        theirs = compressor.compress(state, group)
+        assert torch.equal(theirs["weight"].view(torch.uint8), mine["weight"].view(torch.uint8)), name
+        back = compressor.decompress({k: v.float() if k == "weight_scale" else v for k, v in mine.items()}, group)["weight"]
+        assert torch.equal(back.float(), qt.dequantize(torch.float32)), name
+
+
 def test_transformers_loads_the_export(tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     ids = random_ids()
-    for i, scheme in enumerate([QuantScheme(bits=4, group_size=32), QuantScheme(bits=8, granularity="channel")]):
+    schemes = [QuantScheme(bits=4, group_size=32), QuantScheme(bits=8, granularity="channel"), *FP8_SCHEMES]
+    for i, scheme in enumerate(schemes):
         m = quantized(scheme)
         export_compressed_tensors(m, tmp_path / str(i))
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / str(i), dtype=torch.float32)
@@ -207,6 +248,10 @@ def test_unexportable_schemes_name_the_layer(tmp_path):
         export_compressed_tensors(quantized(QuantScheme(bits=4, group_size=32, symmetric=False, zero_point="float")), tmp_path)
     with pytest.raises(SchemeError, match="int-quantized.*4 bits"):
         export_compressed_tensors(quantized(QuantScheme(bits=4, group_size=32)), tmp_path, format="int-quantized")
+    with pytest.raises(SchemeError, match=r"q_proj.*E4M3"):
+        export_compressed_tensors(quantized(QuantScheme(format="fp8_e5m2")), tmp_path)
+    with pytest.raises(SchemeError, match=r"float-quantized.*integers"):
+        export_compressed_tensors(quantized(QuantScheme(bits=8, granularity="channel")), tmp_path, format="float-quantized")
     with pytest.raises(CheckpointError, match="no QuantLinear"):
         export_compressed_tensors(tiny_llama(), tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
@@ -230,8 +275,9 @@ def test_import_refuses_activation_ordered_groups(tmp_path):
     [
         dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32),
         dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
     ],
-    ids=["w4g32-asym", "w8c-sym"],
+    ids=["w4g32-asym", "w8c-sym", "fp8c"],
 )
 def test_import_checkpoint_written_by_compressed_tensors(tmp_path, args):
     """A directory made entirely by the compressed-tensors package (apply config, min-max qparams
@@ -255,7 +301,8 @@ def test_import_checkpoint_written_by_compressed_tensors(tmp_path, args):
             mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape))
             if hasattr(mod, "weight_zero_point"):
                 mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape))
-    comp = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    fmt = "float-quantized" if args["type"] == "float" else "pack-quantized"
+    comp = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     comp.compress_model(model)
     model.save_pretrained(tmp_path)
     comp.update_config(str(tmp_path))
@@ -263,10 +310,11 @@ def test_import_checkpoint_written_by_compressed_tensors(tmp_path, args):
     m2 = import_compressed_tensors(tmp_path)
     stored = load_file(str(tmp_path / "model.safetensors"))
     scheme = next(iter(comp.quantization_config.config_groups.values()))
-    decompress = BaseCompressor.get_value_from_registry("pack-quantized").decompress
+    decompress = BaseCompressor.get_value_from_registry(fmt).decompress
     layers = {n: x for n, x in m2.named_modules() if isinstance(x, QuantLinear)}
     assert len(layers) == 14
     for name, layer in layers.items():
         state = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(name + ".")}
-        assert torch.equal(decompress(state, scheme)["weight"], layer.dequantize_weight(torch.float32)), name
+        assert torch.equal(decompress(state, scheme)["weight"].float(), layer.dequantize_weight(torch.float32)), name
     assert layer.scheme.bits == args["num_bits"] and layer.scheme.symmetric == args["symmetric"]
+    assert layer.scheme.format == ("fp8_e4m3" if args["type"] == "float" else "int")

@@ -34,6 +34,18 @@ Format ``int-quantized`` (8-bit; used for W8A8, ``activations="int8"``):
 * ``input_activations`` of the config group: ``{num_bits: 8, type: int, symmetric: true,
   strategy: token, dynamic: true}`` (per-token dynamic int8, lowbit's W8A8).
 
+Format ``float-quantized`` (FP8 E4M3 weights, ``format="fp8_e4m3"``; per channel or tensor):
+
+* ``L.weight``: ``torch.float8_e4m3fn`` ``[N, K]``, lowbit's stored bytes viewed as float8
+  (compressed-tensors rounds ``clamp(w / s, -448, 448)`` to float8 as lowbit does, so the same
+  scale gives the same bytes; tested against its compressor);
+* ``L.weight_scale``: lowbit's scale dtype, ``[N, 1]`` (``channel``) or ``[1]`` (``tensor``);
+* weights args ``{num_bits: 8, type: float, symmetric: true}``; with ``activations="fp8_e4m3"``
+  ``input_activations = {num_bits: 8, type: float, symmetric: true, strategy: token,
+  dynamic: true}`` (lowbit's dynamic per-token FP8, ``scale = amax / 448``).
+
+FP8 E5M2 is refused: compressed-tensors' 8-bit float type is E4M3.
+
 Bits 3, 5, 6, 7 are refused: compressed-tensors changed how it packs them (0.20 packs densely
 across words, older releases put ``32 // b`` codes per word), and vLLM reads only 4 and 8 bits.
 Float zero points and act-order ``weight_g_idx`` permutations cannot be expressed in lowbit
@@ -67,21 +79,35 @@ from lowbit.tensor import QuantizedTensor
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
-FORMATS = (PACK_QUANTIZED, INT_QUANTIZED)
+FLOAT_QUANTIZED = "float-quantized"
+FORMATS = (PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED)
 PACK_BITS = (2, 4, 8)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DYNAMIC_INT8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+_DYNAMIC_FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+_INPUT_ACTIVATIONS = {"int8": _DYNAMIC_INT8_TOKEN, "fp8_e4m3": _DYNAMIC_FP8_TOKEN}
 
 
 # ---------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------
 def _layer_format(name: str, layer: QuantLinear, requested: Optional[str]) -> str:
-    hc.require_plain_int(name, layer, "compressed-tensors")
+    if requested is not None and requested not in FORMATS:
+        raise SchemeError(f"unknown compressed-tensors format {requested!r}; use one of {FORMATS} (or None for automatic)")
     scheme = layer.scheme
+    if scheme.format == "fp8_e4m3":
+        if requested not in (None, FLOAT_QUANTIZED):
+            raise SchemeError(f"layer {name!r}: FP8 weights export as {FLOAT_QUANTIZED!r}, not {requested!r}")
+        return FLOAT_QUANTIZED
+    if scheme.format == "fp8_e5m2":
+        raise SchemeError(
+            f"layer {name!r} (scheme {scheme.short_name}) cannot be exported to compressed-tensors: its 8-bit "
+            "float type is E4M3; quantize with format='fp8_e4m3'"
+        )
+    hc.require_plain_int(name, layer, "compressed-tensors")
     fmt = requested or (INT_QUANTIZED if scheme.activations == "int8" else PACK_QUANTIZED)
-    if fmt not in FORMATS:
-        raise SchemeError(f"unknown compressed-tensors format {fmt!r}; use one of {FORMATS} (or None for automatic)")
+    if fmt == FLOAT_QUANTIZED:
+        raise SchemeError(f"layer {name!r}: {FLOAT_QUANTIZED!r} stores FP8 weights; the layer has {scheme.bits}-bit integers")
     if fmt == INT_QUANTIZED and scheme.bits != 8:
         raise SchemeError(f"layer {name!r}: format 'int-quantized' stores int8 weights; the layer has {scheme.bits} bits (use 'pack-quantized')")
     if fmt == PACK_QUANTIZED and scheme.activations == "int8":
@@ -100,7 +126,7 @@ def weight_args(scheme: QuantScheme) -> dict[str, Any]:
     strategy = {Granularity.GROUP: "group", Granularity.CHANNEL: "channel", Granularity.TENSOR: "tensor"}[scheme.granularity]
     return {
         "num_bits": scheme.bits,
-        "type": "int",
+        "type": "float" if scheme.format == "fp8_e4m3" else "int",
         "symmetric": scheme.symmetric,
         "strategy": strategy,
         "group_size": scheme.group_size if scheme.granularity is Granularity.GROUP else None,
@@ -120,7 +146,9 @@ def layer_tensors(name: str, layer: QuantLinear, fmt: str) -> dict[str, torch.Te
     codes = qt.codes()
     scale = qt.scale.reshape(1) if scheme.granularity is Granularity.TENSOR else qt.scale
     out = {f"{name}.weight_scale": scale.contiguous()}
-    if fmt == PACK_QUANTIZED:
+    if fmt == FLOAT_QUANTIZED:
+        out[f"{name}.weight"] = codes.contiguous().view(torch.float8_e4m3fn)
+    elif fmt == PACK_QUANTIZED:
         out[f"{name}.weight_packed"] = hc.pack_int32(codes, bits)
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
     else:
@@ -147,7 +175,7 @@ def quantization_config(parts: hc.ModelParts, formats: dict[str, str]) -> dict[s
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if single else sorted(names),
             "weights": weight_args(scheme),
-            "input_activations": dict(_DYNAMIC_INT8_TOKEN) if scheme.activations == "int8" else None,
+            "input_activations": dict(_INPUT_ACTIVATIONS[scheme.activations]) if scheme.activations else None,
             "output_activations": None,
             "format": fmt,
         }
@@ -213,8 +241,12 @@ def _group_for(name: str, module: nn.Module, qcfg: dict[str, Any], directory) ->
 
 def scheme_from_group(name: str, group: dict[str, Any], scale: torch.Tensor, directory) -> QuantScheme:
     w = group.get("weights") or {}
-    if w.get("type", "int") != "int":
-        raise FormatError(f"{directory}: layer {name!r} uses {w.get('type')!r} weights; lowbit imports integer formats only")
+    wtype = w.get("type", "int")
+    if wtype not in ("int", "float") or (wtype == "float" and (int(w.get("num_bits", 8)) != 8 or not w.get("symmetric", True))):
+        raise FormatError(
+            f"{directory}: layer {name!r} uses {w.get('num_bits')}-bit {wtype!r} weights; lowbit imports integer "
+            "formats and symmetric 8-bit float (FP8 E4M3)"
+        )
     if w.get("dynamic"):
         raise FormatError(f"{directory}: layer {name!r} has dynamic weight scales; lowbit imports static weight scales only")
     strategy = w.get("strategy") or ("group" if (w.get("group_size") or 0) > 0 else "channel" if w.get("group_size") == -1 else "tensor")
@@ -225,14 +257,19 @@ def scheme_from_group(name: str, group: dict[str, Any], scale: torch.Tensor, dir
     activations = None
     if act is not None:
         a = {k: act.get(k) for k in _DYNAMIC_INT8_TOKEN}
-        if a != _DYNAMIC_INT8_TOKEN:
+        activations = next((kind for kind, want in _INPUT_ACTIVATIONS.items() if a == want), None)
+        if activations is None or (activations == "fp8_e4m3") != (wtype == "float"):
             raise FormatError(
-                f"{directory}: layer {name!r} quantizes input activations as {act}; lowbit runs only dynamic "
-                "per-token symmetric int8 activations (W8A8)"
+                f"{directory}: layer {name!r} quantizes input activations as {act}; lowbit runs dynamic per-token "
+                "symmetric int8 activations with int8 weights (W8A8) and dynamic per-token FP8 activations with "
+                "FP8 weights"
             )
-        activations = "int8"
     if scale.dtype not in _DTYPE_NAMES:
         raise FormatError(f"{directory}: layer {name!r} has {scale.dtype} scales; lowbit stores float32/float16/bfloat16")
+    if wtype == "float":
+        if gran is Granularity.GROUP:
+            raise FormatError(f"{directory}: layer {name!r} has grouped FP8 scales; lowbit's FP8 is per channel or per tensor")
+        return QuantScheme(format="fp8_e4m3", granularity=gran, scale_dtype=_DTYPE_NAMES[scale.dtype], activations=activations)
     return QuantScheme(
         bits=int(w.get("num_bits", 8)),
         symmetric=bool(w.get("symmetric", True)),
@@ -264,6 +301,13 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], group: dict[str, A
         if "weight_shape" in t and [int(x) for x in t["weight_shape"].tolist()] != [n, k]:
             raise TensorMismatchError(f"{directory}: {name}.weight_shape is {t['weight_shape'].tolist()}, the model layer is {[n, k]}")
         codes = hc.unpack_int32(t["weight_packed"], bits, k)
+    elif scheme.format == "fp8_e4m3":
+        if "weight" not in t or t["weight"].dtype != torch.float8_e4m3fn:
+            got = t["weight"].dtype if "weight" in t else "no weight"
+            raise FormatError(f"{directory}: FP8 layer {name!r} needs a float8_e4m3fn weight, got {got}")
+        codes = t["weight"].contiguous().view(torch.uint8)
+        if bool(((codes & 0x7F) == 0x7F).any()):
+            raise FormatError(f"{directory}: layer {name!r} holds FP8 NaN codes; lowbit's FP8 weights are finite")
     elif "weight" in t and t["weight"].dtype == torch.int8:
         if bits != 8:
             raise FormatError(f"{directory}: layer {name!r}: int8 weights but num_bits={bits}")
