@@ -13,38 +13,15 @@ import json
 import pytest
 import torch
 from tiny_models import random_ids, tiny_llama
+from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
 from lowbit.errors import FormatError, SchemeError
 from lowbit.io.awq import export_awq, import_awq
-from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe, Rule
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]
-
-
-def quantized(scheme, **kw):
-    m = tiny_llama(**kw)
-    lowbit.quantize(m, scheme, progress=False)
-    return m
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(ids).logits
-
-
-def assert_same_layers(a, b):
-    qa = {n: m for n, m in a.named_modules() if isinstance(m, QuantLinear)}
-    qb = {n: m for n, m in b.named_modules() if isinstance(m, QuantLinear)}
-    assert qa.keys() == qb.keys()
-    for n, la in qa.items():
-        lb = qb[n]
-        assert lb.scheme == la.scheme, n
-        assert torch.equal(lb.qweight, la.qweight), n
-        assert lb.scale.dtype == la.scale.dtype and torch.equal(lb.scale, la.scale), n
-        assert (la.zero is None) == (lb.zero is None) and (la.zero is None or torch.equal(la.zero, lb.zero)), n
 
 
 def ref_pack(intweight: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import json
 import pytest
 import torch
 from tiny_models import random_ids, tiny_llama
+from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
 from lowbit.errors import CheckpointError, FormatError, SchemeError
@@ -40,29 +41,6 @@ SCHEMES = [
     QuantScheme(format="fp8_e4m3", granularity="tensor", activations="fp8_e4m3", scale_dtype="bfloat16"),
 ]
 FP8_SCHEMES = SCHEMES[-2:]
-
-
-def quantized(scheme, **kw):
-    m = tiny_llama(**kw)
-    lowbit.quantize(m, scheme, progress=False)
-    return m
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(ids).logits
-
-
-def assert_same_layers(a, b):
-    qa = {n: m for n, m in a.named_modules() if isinstance(m, QuantLinear)}
-    qb = {n: m for n, m in b.named_modules() if isinstance(m, QuantLinear)}
-    assert qa.keys() == qb.keys()
-    for n, la in qa.items():
-        lb = qb[n]
-        assert lb.scheme == la.scheme, n
-        assert torch.equal(lb.qweight, la.qweight), n
-        assert lb.scale.dtype == la.scale.dtype and torch.equal(lb.scale, la.scale), n
-        assert (la.zero is None) == (lb.zero is None) and (la.zero is None or torch.equal(la.zero, lb.zero)), n
 
 
 # ----------------------------------------------------------------------------- packing
@@ -161,7 +139,7 @@ def test_tensor_layout_on_disk(tmp_path):
 # ----------------------------------------------------------------------------- the package itself
 @pytest.mark.parametrize("scheme", SCHEMES[:5], ids=lambda s: s.short_name)
 def test_compressed_tensors_compressor_agrees_byte_for_byte(tmp_path, scheme):
-    ct = pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file

@@ -15,35 +15,13 @@ import json
 import pytest
 import torch
 from tiny_models import random_ids, tiny_llama
+from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
 from lowbit.errors import FormatError, SchemeError
 from lowbit.io.gptq import export_gptq, import_gptq
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe, Rule
-
-
-def quantized(scheme, **kw):
-    m = tiny_llama(**kw)
-    lowbit.quantize(m, scheme, progress=False)
-    return m
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(ids).logits
-
-
-def assert_same_layers(a, b):
-    qa = {n: m for n, m in a.named_modules() if isinstance(m, QuantLinear)}
-    qb = {n: m for n, m in b.named_modules() if isinstance(m, QuantLinear)}
-    assert qa.keys() == qb.keys()
-    for n, la in qa.items():
-        lb = qb[n]
-        assert lb.scheme == la.scheme, n
-        assert torch.equal(lb.qweight, la.qweight), n
-        assert lb.scale.dtype == la.scale.dtype and torch.equal(lb.scale, la.scale), n
-        assert (la.zero is None) == (lb.zero is None) and (la.zero is None or torch.equal(la.zero, lb.zero)), n
 
 
 # ----------------------------------------------------------------------------- oracle
