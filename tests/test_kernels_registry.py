@@ -99,6 +99,25 @@ def test_context_manager_overrides_layer_argument_and_is_scoped():
     assert lin.kernel_name == "cpu_int4"
 
 
+def test_forward_follows_the_requested_kernel_after_earlier_calls():
+    """QuantLinear reuses its last kernel choice: a later use_kernel(...) block or a new
+    ``layer.kernel`` must still take effect, in forward itself (not just in kernel_name)."""
+    lin = layer(QuantScheme(bits=4, group_size=64))
+    x = x_for(576)
+    fast = lin(x)  # cpu_int4: bf16 activations
+    with use_kernel("reference"):
+        exact = lin(x)
+    assert not torch.equal(fast, exact)
+    assert torch.equal(lin(x), fast)
+    lin.kernel = "reference"
+    assert torch.equal(lin(x), exact)
+    with use_kernel("cpu_int4"):
+        assert torch.equal(lin(x), fast)
+    with pytest.raises(KernelError, match="cpu_int4"):
+        with use_kernel("cpu_int4"):
+            layer(QuantScheme(bits=3, group_size=64))(x)
+
+
 def test_prepared_state_is_rebuilt_when_weights_change():
     lin = layer(QuantScheme(bits=4, group_size=64))
     x = x_for(576)

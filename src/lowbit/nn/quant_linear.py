@@ -30,6 +30,7 @@ from lowbit.tensor import QuantizedTensor, stored_tensor_specs
 
 # stored tensors that only some schemes have (None otherwise); qweight and scale always exist
 _OPTIONAL = ("zero", "scale_absmax", "scale_offset", "outlier_idx", "outlier_weight")
+_KEY_BUFFERS = ("qweight", "scale", *_OPTIONAL)
 
 
 def _identity(t: Optional[torch.Tensor]):
@@ -72,6 +73,9 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._prepared: dict[str, tuple[tuple, Any]] = {}
+        # ((requested kernel name, tensor key), Kernel) of the last call: resolving afresh
+        # (every registered kernel's supports()) cost ~10 us a call, 2-4 ms a decoded token
+        self._resolved: Optional[tuple[tuple, registry.Kernel]] = None
 
     @classmethod
     def from_quantized(
@@ -106,12 +110,31 @@ class QuantLinear(nn.Module):
         return registry.resolve(self, self.kernel).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = registry.resolve(self, self.kernel)
-        return k.run(self, self._prepared_state(k), x)
+        key = self._tensor_key()
+        k = self._resolve(key)
+        return k.run(self, self._prepared_state(k, key), x)
 
-    def _prepared_state(self, k: registry.Kernel) -> Any:
-        # data_ptr catches replaced tensors, _version catches in-place writes (load_state_dict)
-        key = tuple(_identity(t) for t in (self.qweight, self.scale, self.bias, *(getattr(self, n) for n in _OPTIONAL)))
+    def _tensor_key(self) -> tuple:
+        # data_ptr catches replaced tensors, _version catches in-place writes (load_state_dict);
+        # read the module's dicts directly: nn.Module.__getattr__ costs ~1 us a name
+        buffers = self._buffers
+        return (
+            _identity(self._parameters.get("bias")),
+            *(_identity(buffers.get(n)) for n in _KEY_BUFFERS),
+        )
+
+    def _resolve(self, key: tuple) -> registry.Kernel:
+        """``registry.resolve``, reused while the requested name (``use_kernel`` override or
+        ``self.kernel``) and the layer's tensors stay the same."""
+        wanted = (registry.active_kernel_override() or self.kernel, key)
+        if self._resolved is not None and self._resolved[0] == wanted:
+            return self._resolved[1]
+        k = registry.resolve(self, self.kernel)
+        self._resolved = (wanted, k)
+        return k
+
+    def _prepared_state(self, k: registry.Kernel, key: Optional[tuple] = None) -> Any:
+        key = self._tensor_key() if key is None else key
         hit = self._prepared.get(k.name)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -122,6 +145,7 @@ class QuantLinear(nn.Module):
     def release_prepared(self) -> None:
         """Drop kernel-specific weight copies (they are rebuilt on demand)."""
         self._prepared.clear()
+        self._resolved = None
 
     @property
     def nbytes(self) -> int:
