@@ -37,21 +37,20 @@ def round_weight(
 
         return hqq(weight, scheme, spec)
     if isinstance(spec, GPTQ):
-        if hessian is None:
-            raise CalibrationError(
-                "GPTQ needs the layer's Hessian from calibration data; quantize through "
-                "lowbit.quantize(model, recipe, calibration=...) rather than a bare rounding call"
-            )
         from lowbit.methods.gptq import gptq
 
-        return gptq(weight, scheme, hessian, spec)
+        return gptq(weight, scheme, _needed(hessian, "GPTQ", "Hessian"), spec)
     if isinstance(spec, LLMInt8):
-        if act_absmax is None:
-            raise CalibrationError(
-                "llm_int8 needs the layer's activation statistics from calibration data; quantize through "
-                "lowbit.quantize(model, recipe, calibration=...)"
-            )
         from lowbit.methods.llm_int8 import llm_int8
 
-        return llm_int8(weight, scheme, act_absmax, spec)
+        return llm_int8(weight, scheme, _needed(act_absmax, "llm_int8", "activation statistics"), spec)
     raise CalibrationError(f"{type(spec).__name__} is not a rounding method (use rtn, hqq, gptq or llm_int8)")
+
+
+def _needed(statistic, method: str, what: str):
+    if statistic is None:
+        raise CalibrationError(
+            f"{method} needs the layer's {what} from calibration data; quantize through "
+            "lowbit.quantize(model, recipe, calibration=...) rather than a bare rounding call"
+        )
+    return statistic
