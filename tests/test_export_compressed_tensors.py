@@ -24,8 +24,8 @@ from tiny_models import random_ids, tiny_llama
 from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
+from lowbit import packing
 from lowbit.errors import CheckpointError, FormatError, SchemeError
-from lowbit.io import hf_common as hc
 from lowbit.io.compressed_tensors import export_compressed_tensors, import_compressed_tensors
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe, Rule
@@ -51,23 +51,23 @@ def test_pack_int32_matches_compressed_tensors():
         for rows, cols in [(3, 64), (5, 37), (2, 1), (4, 100)]:
             q = torch.randint(0, 1 << bits, (rows, cols), generator=g).to(torch.uint8)
             signed = (q.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-            ours = hc.pack_int32(q, bits)
+            ours = packing.pack_int32(q, bits)
             assert torch.equal(ours, helpers.pack_to_int32(signed, bits)), (bits, rows, cols)
-            assert torch.equal(hc.unpack_int32(ours, bits, cols), q)
-            dim0 = hc.pack_int32(q.t().contiguous(), bits).t()
+            assert torch.equal(packing.unpack_int32(ours, bits, cols), q)
+            dim0 = packing.pack_int32(q.t().contiguous(), bits).t()
             assert torch.equal(dim0, helpers.pack_to_int32(signed, bits, packed_dim=0))
 
 
 def test_pack_int32_word_layout_by_hand():
     # 4 bits: element 8j+i in bits 4i..4i+3 of word j
     q = torch.arange(16, dtype=torch.uint8).view(1, 16)
-    w = hc.pack_int32(q, 4)
+    w = packing.pack_int32(q, 4)
     assert (int(w[0, 0]) & 0xFFFFFFFF) == 0x76543210
     assert (int(w[0, 1]) & 0xFFFFFFFF) == 0xFEDCBA98
     # 3 bits: element 10 straddles words 0 and 1 (2 low bits at 30..31, high bit at bit 0)
     q = torch.zeros(1, 32, dtype=torch.uint8)
     q[0, 10] = 0b101
-    w = hc.pack_int32(q, 3)
+    w = packing.pack_int32(q, 3)
     assert [int(x) & 0xFFFFFFFF for x in w[0]] == [0b01 << 30, 0b1, 0]
 
 

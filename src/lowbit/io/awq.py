@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import packing
 from lowbit.errors import CheckpointError, FormatError, SchemeError, TensorMismatchError
 from lowbit.formats import QParams
 from lowbit.io import hf_common as hc
@@ -54,12 +55,12 @@ def _interleave(cols: int) -> torch.Tensor:
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
     """uint8 ``[rows, cols]`` 4-bit values (cols % 8 == 0) -> int32 ``[rows, cols/8]``, AWQ order."""
-    return hc.pack_int32(values[:, _interleave(values.shape[1])].contiguous(), 4)
+    return packing.pack_int32(values[:, _interleave(values.shape[1])].contiguous(), 4)
 
 
 def unpack_awq(words: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_awq`."""
-    physical = hc.unpack_int32(words, 4, cols)
+    physical = packing.unpack_int32(words, 4, cols)
     return physical[:, torch.argsort(_interleave(cols))].contiguous()
 
 

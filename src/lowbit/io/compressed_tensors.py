@@ -69,6 +69,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lowbit import packing
 from lowbit.errors import CheckpointError, FormatError, SchemeError, TensorMismatchError
 from lowbit.formats import QParams
 from lowbit.io import hf_common as hc
@@ -149,14 +150,14 @@ def layer_tensors(name: str, layer: QuantLinear, fmt: str) -> dict[str, torch.Te
     if fmt == FLOAT_QUANTIZED:
         out[f"{name}.weight"] = codes.contiguous().view(torch.float8_e4m3fn)
     elif fmt == PACK_QUANTIZED:
-        out[f"{name}.weight_packed"] = hc.pack_int32(codes, bits)
+        out[f"{name}.weight_packed"] = packing.pack_int32(codes, bits)
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
     else:
         out[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
     if not scheme.symmetric:
         zero = qt.zero
         if fmt == PACK_QUANTIZED and scheme.granularity is not Granularity.TENSOR:
-            out[f"{name}.weight_zero_point"] = hc.pack_int32(zero.t().contiguous(), bits).t().contiguous()
+            out[f"{name}.weight_zero_point"] = packing.pack_int32(zero.t().contiguous(), bits).t().contiguous()
         else:
             out[f"{name}.weight_zero_point"] = (zero.to(torch.int16) - half).to(torch.int8).reshape(scale.shape)
     if layer.bias is not None:
@@ -300,7 +301,7 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], group: dict[str, A
             )
         if "weight_shape" in t and [int(x) for x in t["weight_shape"].tolist()] != [n, k]:
             raise TensorMismatchError(f"{directory}: {name}.weight_shape is {t['weight_shape'].tolist()}, the model layer is {[n, k]}")
-        codes = hc.unpack_int32(t["weight_packed"], bits, k)
+        codes = packing.unpack_int32(t["weight_packed"], bits, k)
     elif scheme.format == "fp8_e4m3":
         if "weight" not in t or t["weight"].dtype != torch.float8_e4m3fn:
             got = t["weight"].dtype if "weight" in t else "no weight"
@@ -328,7 +329,7 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], group: dict[str, A
         if zp is None:
             raise CheckpointError(f"{directory}: asymmetric layer {name!r} lacks weight_zero_point")
         if zp.dtype == torch.int32 and "weight_packed" in t:
-            zero = hc.unpack_int32(zp.t().contiguous(), bits, n).t().contiguous()
+            zero = packing.unpack_int32(zp.t().contiguous(), bits, n).t().contiguous()
         else:
             zero = (zp.to(torch.int16) + half).to(torch.uint8)
         zero = zero.reshape(qshape).contiguous()

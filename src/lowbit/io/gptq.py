@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import packing
 from lowbit.errors import CheckpointError, FormatError, SchemeError, TensorMismatchError
 from lowbit.formats import QParams
 from lowbit.io import hf_common as hc
@@ -90,8 +91,8 @@ def layer_tensors(name: str, layer: QuantLinear, *, allow_scale_rounding: bool =
         )
     group_size = scheme.group_size if scheme.granularity is Granularity.GROUP else k
     out = {
-        f"{name}.qweight": hc.pack_int32(codes, b).t().contiguous(),  # [N, K*b/32] -> [K*b/32, N]
-        f"{name}.qzeros": hc.pack_int32((zero.t() - 1).contiguous(), b),  # [G, N*b/32]
+        f"{name}.qweight": packing.pack_int32(codes, b).t().contiguous(),  # [N, K*b/32] -> [K*b/32, N]
+        f"{name}.qzeros": packing.pack_int32((zero.t() - 1).contiguous(), b),  # [G, N*b/32]
         f"{name}.scales": hc.exact_cast(
             scale.t().contiguous(), torch.float16, layer=name, what="scale", allow_rounding=allow_scale_rounding
         ),
@@ -198,8 +199,8 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], qcfg: dict[str, An
             "contiguous input columns, so this checkpoint cannot be imported exactly (re-quantize with desc_act=False "
             "or static_groups=True)"
         )
-    codes = hc.unpack_int32(t["qweight"].t().contiguous(), b, k)  # [N, K]
-    stored = hc.unpack_int32(t["qzeros"], b, n).to(torch.int16)  # [G, N]
+    codes = packing.unpack_int32(t["qweight"].t().contiguous(), b, k)  # [N, K]
+    stored = packing.unpack_int32(t["qzeros"], b, n).to(torch.int16)  # [G, N]
     zero = stored + (1 if qcfg.get("checkpoint_format", "gptq") == "gptq" else 0)
     if bool((zero > (1 << b) - 1).any()):
         raise FormatError(

@@ -1,25 +1,6 @@
 """Shared plumbing of the Hugging Face exporters/importers (GPTQ, AWQ, compressed-tensors).
 
-Three things live here, each small:
-
-* **int32 word packing** (:func:`pack_int32` / :func:`unpack_int32`): ``[rows, cols]`` unsigned
-  codes of ``bits`` bits -> ``int32 [rows, ceil(cols * bits / 32)]``, packed along the last
-  dimension as one dense little-endian bit stream: code ``c`` of a row occupies stream bits
-  ``[c*bits, (c+1)*bits)``, and bit ``b`` of word ``w`` is stream bit ``32*w + b``. For
-  ``bits`` in 2, 4, 8 every word holds ``32 // bits`` whole codes (code ``j`` of the word at
-  bits ``j*bits``); for 3 bits 32 codes fill 3 words and codes 10 and 21 straddle words
-  (code 10: bits 30-31 of word 0 + bit 0 of word 1; code 21: bit 31 of word 1 + bits 0-1 of
-  word 2). That is exactly the layout of
-
-  - GPTQ v1 ``qweight`` / ``qzeros`` (AutoGPTQ ``QuantLinear.pack``: the ``bits == 3`` branch
-    writes ``intweight[i] << 30`` then ``(intweight[i] >> 2) & 1`` into the next row, etc.;
-    also GPTQ-for-LLaMa ``quant.py``), and
-  - compressed-tensors ``pack_to_int32`` (``compressors/pack_quantized/helpers.py`` of
-    compressed-tensors 0.20: "32 consecutive elements are packed into exactly num_bits int32
-    words"), which for 2/4/8 bits equals the older ``pack_factor = 32 // num_bits`` layout.
-
-  It is also lowbit's own ``lowbit.bitstream.v1`` byte stream read as little-endian int32
-  words, which is how it is computed here (no Python loop over elements).
+Two things live here (the int32 word layout they share is ``lowbit.packing.pack_int32``):
 
 * **exact dtype conversion** (:func:`exact_cast`): other formats store scales in fp16; a
   scale is converted only when every value survives the round trip, otherwise a
@@ -37,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +26,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lowbit import packing
 from lowbit.errors import (
     CheckpointError,
     FormatError,
     ModelSourceError,
-    PackingError,
     SchemeError,
     TensorMismatchError,
     UnsupportedModelError,
 )
 from lowbit.nn import QuantLinear
+from lowbit.scheme import QuantScheme
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,61 +44,6 @@ WEIGHTS_NAME = "model.safetensors"
 QUANT_BUFFERS = ("qweight", "scale", "zero", "bias", "scale_absmax", "scale_offset", "outlier_idx", "outlier_weight")
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-
-
-# ---------------------------------------------------------------------------
-# int32 words
-# ---------------------------------------------------------------------------
-def int32_words(cols: int, bits: int) -> int:
-    """Number of int32 words a row of ``cols`` codes of ``bits`` bits takes (dense packing)."""
-    return -(-cols * bits // 32)
-
-
-def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 ``[rows, cols]`` codes -> int32 ``[rows, ceil(cols*bits/32)]`` (dense, see module doc)."""
-    if codes.dim() != 2 or codes.dtype != torch.uint8:
-        raise PackingError(f"pack_int32 expects a 2-D uint8 code matrix, got {codes.dtype} {tuple(codes.shape)}")
-    rows, cols = codes.shape
-    padded_cols = -(-cols // 32) * 32  # 32 codes always fill whole words
-    if padded_cols != cols:
-        codes = torch.cat([codes, codes.new_zeros(rows, padded_cols - cols)], dim=1)
-    stream = packing.pack(codes.contiguous(), bits)  # [rows, padded_cols/8*bits] bytes, multiple of 4
-    words = _bytes_to_int32(stream)
-    return words[:, : int32_words(cols, bits)].contiguous()
-
-
-def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: int32 ``[rows, ceil(cols*bits/32)]`` -> uint8 ``[rows, cols]``."""
-    if words.dim() != 2 or words.dtype != torch.int32:
-        raise PackingError(f"unpack_int32 expects a 2-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
-    rows, n = words.shape
-    if n != int32_words(cols, bits):
-        raise PackingError(
-            f"{n} int32 words per row do not hold {cols} codes of {bits} bits "
-            f"(expected {int32_words(cols, bits)} words)"
-        )
-    padded_words = -(-cols // 32) * bits
-    if padded_words != n:
-        words = torch.cat([words, words.new_zeros(rows, padded_words - n)], dim=1)
-    stream = _int32_to_bytes(words.contiguous())
-    padded_cols = padded_words * 32 // bits
-    return packing.unpack(stream, bits, padded_cols)[:, :cols].contiguous()
-
-
-def _bytes_to_int32(b: torch.Tensor) -> torch.Tensor:
-    rows = b.shape[0]
-    flat = b.contiguous().reshape(-1)  # 1-D: a [1, n] tensor may carry a stride that .view() refuses
-    if sys.byteorder == "big":  # pragma: no cover - the stream is little-endian by definition
-        flat = flat.view(-1, 4).flip(-1).reshape(-1)
-    return flat.view(torch.int32).view(rows, -1)
-
-
-def _int32_to_bytes(w: torch.Tensor) -> torch.Tensor:
-    rows = w.shape[0]
-    b = w.contiguous().reshape(-1).view(torch.uint8).view(rows, -1)
-    if sys.byteorder == "big":  # pragma: no cover
-        b = b.view(rows, -1, 4).flip(-1).reshape(rows, -1)
-    return b.contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +366,7 @@ def lowbit_record(parts: ModelParts) -> dict[str, Any]:
 
 def reconcile(
     name: str,
-    inferred: "QuantScheme",
+    inferred: QuantScheme,
     recorded: Optional[dict[str, Any]],
     scale: torch.Tensor,
     zero: Optional[torch.Tensor],
