@@ -915,3 +915,28 @@ def test_search_qparams_rejects_other_formats_and_bad_grids():
     w[0, 0] = float("nan")
     with pytest.raises(FormatError, match="NaN"):
         formats.search_qparams(w, QuantScheme(bits=4, group_size=32))
+
+
+def test_search_qparams_column_weights_protect_important_columns():
+    """One outlier column: on plain weight error most rows clip it; once that column's
+    inputs weigh 1000x the others (its diag(H)), its error drops and the weighted
+    objective is the least of the two choices, group by group."""
+    scheme = QuantScheme(bits=3, symmetric=False, group_size=64)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=g) * 0.01
+    w[:, 5] = 0.2  # far outside the others' range
+    plain = formats.choose_qparams(w, scheme)
+    clipped = formats.search_qparams(w, scheme)
+    assert float((clipped.scale < plain.scale).float().mean()) >= 0.5  # most rows clip the outlier
+    cw = torch.ones(64)
+    cw[5] = 1000.0
+    kept = formats.search_qparams(w, scheme, column_weights=cw)
+
+    def col_err(qp):
+        return float((formats.dequantize(formats.quantize(w, qp, scheme), qp, scheme) - w)[:, 5].abs().sum())
+
+    assert col_err(kept) < 0.5 * col_err(clipped)
+    weighted = formats._group_error(w, kept, scheme, 2.4, cw)
+    assert bool((weighted <= formats._group_error(w, clipped, scheme, 2.4, cw)).all())
+    with pytest.raises(FormatError, match="column_weights"):
+        formats.search_qparams(w, scheme, column_weights=torch.ones(63))
