@@ -2,7 +2,7 @@
 
 Exact on the code table (every FP8 byte, widened in registers, equals torch's own float8
 conversion) and on one-hot activations; elsewhere bounded by the float32 forward error
-bound of both sides' sums, ``2 * 2**-24 * (K + 8) * sum_k |x_k| |w_nk|`` (a wrong code,
+bound of both sides' sums, ``2 * 2**-24 * (K + 8) * (sum_k |x_k| |w_nk| + |bias_n|)`` (a wrong code,
 scale or tail mask shows up at the size of the terms, far above the bound).
 """
 
@@ -80,7 +80,9 @@ def test_layer_matches_reference_kernel_on_random_shapes(problem):
         ref = layer(x)
     y = layer(x)
     wq = qt.dequantize(torch.float32)
-    bound = 2 * U * (k + 8) * (x.abs() @ wq.abs().T) + 1e-30
+    # both sides round the bias addition too: its terms count like the products'
+    terms = x.abs() @ wq.abs().T + (0 if layer.bias is None else layer.bias.abs())
+    bound = 2 * U * (k + 8) * terms + 1e-30
     assert bool(((y - ref).abs() <= bound).all()), float(((y - ref).abs() / bound).max())
 
 

@@ -10,7 +10,7 @@ the top of a float16, exactly); nothing is dequantized to memory.
 Numerics: the same products as the ``reference`` kernel (``F.linear(x, value(q) * scale)``),
 summed in another order and with the scale applied to the row sum instead of each weight,
 so the two agree up to float32 rounding: the tests bound the difference by
-``2 * 2**-24 * (K + 8)`` times ``sum_k |x_k| |w_nk|``. Activations are *not* rounded: a
+``2 * 2**-24 * (K + 8)`` times ``sum_k |x_k| |w_nk| + |bias_n|``. Activations are *not* rounded: a
 layer whose scheme rounds activations to FP8 (``activations="fp8_e4m3"``) gets them rounded
 in torch first, exactly as the reference kernel does (``registry._activations``).
 
