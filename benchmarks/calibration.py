@@ -58,12 +58,21 @@ SCHEMES = {
 AWQ_BENCH = "awq(max_tokens=4096)"
 
 
+# GPTQ with the clipping search of each group's range (weighted by diag(H))
+GPTQ_CLIP = "gptq(clip)"
+
+
 def _method(name: str):
-    from lowbit.scheme import AWQ, parse_method
+    from lowbit.scheme import AWQ, GPTQ, parse_method
 
     steps = []
     for part in name.split("+"):
-        steps.append(AWQ(max_tokens=4096) if part == AWQ_BENCH else parse_method(part)[0])
+        if part == AWQ_BENCH:
+            steps.append(AWQ(max_tokens=4096))
+        elif part == GPTQ_CLIP:
+            steps.append(GPTQ(clip_search=True))
+        else:
+            steps.append(parse_method(part)[0])
     return tuple(steps)
 
 
@@ -88,6 +97,11 @@ for _s in ("W4 g128 asymf", "W3 g128 asymf", "W2 g64 asymf"):
     CONFIGS[f"rtn {_s}"] = ("rtn", _s, "text")
 CONFIGS["hqq W2 g64 asymf"] = ("hqq", "W2 g64 asymf", "text")
 CONFIGS["gptq W3 g128 asym [data-free]"] = ("gptq", "W3 g128 asym", "data-free")
+for _s in ("W4 g128 asym", "W3 g128 asym"):
+    CONFIGS[f"{GPTQ_CLIP} {_s}"] = (GPTQ_CLIP, _s, "text")
+    CONFIGS[f"awq+{GPTQ_CLIP} {_s}"] = (f"{AWQ_BENCH}+{GPTQ_CLIP}", _s, "text")
+    CONFIGS[f"awq+{GPTQ_CLIP} {_s} [data-free]"] = (f"{AWQ_BENCH}+{GPTQ_CLIP}", _s, "data-free")
+CONFIGS[f"{GPTQ_CLIP} W2 g64 asym"] = (GPTQ_CLIP, "W2 g64 asym", "text")
 CONFIGS["rtn W8A8"] = ("rtn", "W8A8", "text")
 CONFIGS["smoothquant W8A8"] = ("smoothquant", "W8A8", "text")
 
@@ -148,7 +162,7 @@ def cmd_quantize(args) -> None:
 
 
 def _stem(config: str) -> str:
-    return config.replace(" ", "_").replace("+", "-").replace("[", "").replace("]", "")
+    return config.replace(" ", "_").replace("+", "-").replace("[", "").replace("]", "").replace("(", "-").replace(")", "")
 
 
 def cmd_run(args) -> None:
