@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench_lut import bandwidth_gbs, fp32_linear_timings, llc_bytes, timings
+from bench_lut import fp32_linear_timings, machine_header, timings
 from lowbit.kernels import cpu_fp8
 
 DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -45,14 +45,7 @@ def main() -> None:
     ok, why = cpu_fp8.available()
     if not ok:
         raise SystemExit(f"cpu_fp8 unavailable: {why}")
-    threads = torch.get_num_threads()
-    llc = llc_bytes()
-    load0 = os.getloadavg()
-    bw_sum, bw_probe = bandwidth_gbs(llc, 4 * args.iters)
-    bw = max(bw_sum, bw_probe)
-    print(f"threads {threads}, last-level cache {llc / 2**20:.0f} MiB, load average {load0[0]:.2f}")
-    print(f"read bandwidth, best 8 MiB slice from DRAM: torch.sum {bw_sum:.1f} GB/s, "
-          f"streaming read through the kernel's thread pool {bw_probe:.1f} GB/s; BW = {bw:.1f} GB/s\n")
+    threads, llc, load0, bw = machine_header(args.iters)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):

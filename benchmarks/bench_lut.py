@@ -87,6 +87,20 @@ def bandwidth_gbs(llc: int, iters: int) -> tuple[float, float]:
     return slice_elems * 4 / t_sum / 1e9, slice_elems * 4 / t_probe / 1e9
 
 
+def machine_header(iters: int) -> tuple[int, int, tuple, float]:
+    """Measure and print threads, last-level cache, load average and read bandwidth (the
+    header of every kernel benchmark); returns ``(threads, llc bytes, load average, BW GB/s)``."""
+    threads = torch.get_num_threads()
+    llc = llc_bytes()
+    load0 = os.getloadavg()
+    bw_sum, bw_probe = bandwidth_gbs(llc, 4 * iters)
+    bw = max(bw_sum, bw_probe)
+    print(f"threads {threads}, last-level cache {llc / 2**20:.0f} MiB, load average {load0[0]:.2f}")
+    print(f"read bandwidth, best 8 MiB slice from DRAM: torch.sum {bw_sum:.1f} GB/s, "
+          f"streaming read through the kernel's thread pool {bw_probe:.1f} GB/s; BW = {bw:.1f} GB/s\n")
+    return threads, llc, load0, bw
+
+
 def fp32_linear_timings(x: torch.Tensor, ws: list[torch.Tensor], iters: int, threads: int):
     """(best, median, threads) of F.linear at ``threads`` and at 1 thread, whichever has the
     better best: on a loaded machine torch's multi-threaded ops can lose whole scheduler
@@ -147,14 +161,7 @@ def main() -> None:
     ok, why = cpu_lut.available()
     if not ok:
         raise SystemExit(f"cpu_lut unavailable: {why}")
-    threads = torch.get_num_threads()
-    llc = llc_bytes()
-    load0 = os.getloadavg()
-    bw_sum, bw_probe = bandwidth_gbs(llc, 4 * args.iters)
-    bw = max(bw_sum, bw_probe)
-    print(f"threads {threads}, last-level cache {llc / 2**20:.0f} MiB, load average {load0[0]:.2f}")
-    print(f"read bandwidth, best 8 MiB slice from DRAM: torch.sum {bw_sum:.1f} GB/s, "
-          f"streaming read through the kernel's thread pool {bw_probe:.1f} GB/s; BW = {bw:.1f} GB/s\n")
+    threads, llc, load0, bw = machine_header(args.iters)
     rows = []
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):

@@ -276,17 +276,11 @@ def quantized_targets(model: nn.Module, names, directory: PathLike) -> dict[str,
 
 def install_layers(model: nn.Module, layers: dict[str, QuantLinear], directory: PathLike) -> None:
     """Put ``layers`` in place of the model's linears of the same name (shapes checked)."""
-    from lowbit.model.swap import linear_kind, set_submodule, weight_as_linear
+    from lowbit.model.swap import set_submodule
 
+    targets = quantized_targets(model, layers, directory)
     for name, new in layers.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise TensorMismatchError(f"{directory}: the checkpoint quantizes {name!r}, which the model lacks") from None
-        kind = linear_kind(old)
-        if kind is None:
-            raise TensorMismatchError(f"{directory}: {name!r} is a {type(old).__name__} in the model, not a linear layer")
-        have = tuple(weight_as_linear(old, kind).shape)
+        have = targets[name][1]
         if have != (new.out_features, new.in_features):
             raise TensorMismatchError(
                 f"{directory}: layer {name!r} is [out, in] = {list(have)} in the model but "
