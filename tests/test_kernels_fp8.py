@@ -20,7 +20,7 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
-from compiled_kernels import require_kernel
+from compiled_kernels import assert_missing_library_falls_back, require_kernel
 
 U = 2.0**-24
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -133,13 +133,4 @@ def test_bad_inputs_raise_typed_errors():
 
 def test_missing_library_means_unsupported_and_auto_falls_back(monkeypatch):
     layer = QuantLinear.from_quantized(QuantizedTensor.quantize(torch.randn(8, 64), QuantScheme(format="fp8_e5m2")))
-    monkeypatch.setattr(cpu_fp8, "_library", lambda: (None, "the compiled kernels are missing"))
-    assert cpu_fp8.available() == (False, "the compiled kernels are missing")
-    assert layer.kernel_name == "reference"
-    x = torch.randn(3, 64)
-    with use_kernel("reference"):
-        ref = layer(x)
-    assert torch.equal(layer(x), ref)
-    with pytest.raises(KernelError, match="missing"):
-        with use_kernel("cpu_fp8"):
-            layer(x)
+    assert_missing_library_falls_back(monkeypatch, cpu_fp8, "cpu_fp8", layer, torch.randn(3, 64))

@@ -24,7 +24,7 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
-from compiled_kernels import require_kernel
+from compiled_kernels import assert_missing_library_falls_back, require_kernel
 
 U = 2.0**-24
 _FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
@@ -289,16 +289,7 @@ def test_quantlinear_other_formats_stay_elsewhere():
 
 def test_missing_library_means_unsupported_and_auto_falls_back(monkeypatch):
     lin = _layer(QuantScheme(bits=3, group_size=64))
-    monkeypatch.setattr(cpu_lut, "_library", lambda: (None, "the compiled LUT kernel is missing"))
-    assert cpu_lut.available() == (False, "the compiled LUT kernel is missing")
-    assert lin.kernel_name == "reference"
-    x = torch.randn(2, 192)
-    with use_kernel("reference"):
-        ref = lin(x)
-    assert torch.equal(lin(x), ref)
-    with pytest.raises(KernelError, match="missing"):
-        with use_kernel("cpu_lut"):
-            lin(x)
+    assert_missing_library_falls_back(monkeypatch, cpu_lut, "cpu_lut", lin, torch.randn(2, 192))
 
 
 @pytest.mark.parametrize(

@@ -38,3 +38,20 @@ def load() -> tuple[Optional[ctypes.CDLL], str]:
     if lib.lowbit_lut_abi_version() != ABI:
         return None, f"{path} is from another lowbit version; rebuild it with `pip install -e .`"
     return lib, ""
+
+
+def bind(functions: dict, cpu_check: str, cpu_missing: str) -> tuple[Optional[ctypes.CDLL], str]:
+    """The library with ``functions`` (``{name: (restype, argtypes)}``) declared, if this CPU
+    passes ``cpu_check`` (a function of the library returning nonzero when it can run the
+    kernel); else ``(None, why)``, ``cpu_missing`` being the why for a CPU that cannot."""
+    lib, why = load()
+    if lib is None:
+        return None, why
+    for name, (restype, argtypes) in functions.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    check = getattr(lib, cpu_check)
+    check.restype = ctypes.c_int
+    if not check():
+        return None, cpu_missing
+    return lib, ""

@@ -40,16 +40,11 @@ FORMATS = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}  # format -> (C flag, 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[Optional[ctypes.CDLL], str]:
-    lib, why = clib.load()
-    if lib is None:
-        return None, why
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.lowbit_fp8_cpu_supported.restype = ctypes.c_int
-    lib.lowbit_fp8_linear.restype = ctypes.c_int
-    lib.lowbit_fp8_linear.argtypes = [vp, i64, i64, vp, i64, vp, ctypes.c_int, vp, ctypes.c_int]
-    if not lib.lowbit_fp8_cpu_supported():
-        return None, "this CPU lacks AVX-512 F/BW/VL or F16C, which the FP8 kernel needs"
-    return lib, ""
+    return clib.bind(
+        {"lowbit_fp8_linear": (ctypes.c_int, [vp, i64, i64, vp, i64, vp, ctypes.c_int, vp, ctypes.c_int])},
+        "lowbit_fp8_cpu_supported", "this CPU lacks AVX-512 F/BW/VL or F16C, which the FP8 kernel needs",
+    )
 
 
 def available() -> tuple[bool, str]:

@@ -105,21 +105,16 @@ BLOCK_K = 32
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[Optional[ctypes.CDLL], str]:
     """(library, "") or (None, why it cannot be used). Loaded once, on first use."""
-    lib, why = clib.load()
-    if lib is None:
-        return None, why
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.lowbit_lut_cpu_supported.restype = ctypes.c_int
-    lib.lowbit_lut_linear.restype = ctypes.c_int
-    lib.lowbit_lut_linear.argtypes = [vp, i64, i64, i64, vp, i64, ctypes.c_int, i64, vp, ctypes.c_float,
-                                      vp, vp, vp, vp, ctypes.c_int]
-    lib.lowbit_lut_read_probe.restype = i64
-    lib.lowbit_lut_read_probe.argtypes = [vp, i64, ctypes.c_int]
-    lib.lowbit_lut_quantize_activations.restype = ctypes.c_int
-    lib.lowbit_lut_quantize_activations.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp]
-    if not lib.lowbit_lut_cpu_supported():
-        return None, "this CPU lacks AVX-512 F/BW/DQ/VL/VNNI, which the LUT kernel needs"
-    return lib, ""
+    return clib.bind(
+        {
+            "lowbit_lut_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, i64, ctypes.c_int, i64, vp, ctypes.c_float,
+                                                 vp, vp, vp, vp, ctypes.c_int]),
+            "lowbit_lut_read_probe": (i64, [vp, i64, ctypes.c_int]),
+            "lowbit_lut_quantize_activations": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, vp]),
+        },
+        "lowbit_lut_cpu_supported", "this CPU lacks AVX-512 F/BW/DQ/VL/VNNI, which the LUT kernel needs",
+    )
 
 
 def available() -> tuple[bool, str]:
