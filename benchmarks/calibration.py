@@ -102,6 +102,8 @@ for _s in ("W4 g128 asym", "W3 g128 asym"):
     CONFIGS[f"awq+{GPTQ_CLIP} {_s}"] = (f"{AWQ_BENCH}+{GPTQ_CLIP}", _s, "text")
     CONFIGS[f"awq+{GPTQ_CLIP} {_s} [data-free]"] = (f"{AWQ_BENCH}+{GPTQ_CLIP}", _s, "data-free")
 CONFIGS[f"{GPTQ_CLIP} W2 g64 asym"] = (GPTQ_CLIP, "W2 g64 asym", "text")
+CONFIGS[f"{GPTQ_CLIP} W4 g128 asym [data-free]"] = (GPTQ_CLIP, "W4 g128 asym", "data-free")
+CONFIGS[f"{GPTQ_CLIP} W4 g128 sym"] = (GPTQ_CLIP, "W4 g128 sym", "text")
 CONFIGS["rtn W8A8"] = ("rtn", "W8A8", "text")
 CONFIGS["smoothquant W8A8"] = ("smoothquant", "W8A8", "text")
 
@@ -180,6 +182,8 @@ def cmd_run(args) -> None:
         subprocess.run(cmd, check=True)
         info = json.load(open(out / f"{stem}.json"))
         print(f"    {info['quantize_s']:.1f} s, peak RSS {info['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    if args.no_eval:
+        return
     args.reference_dirs = run_reference(args, out) if args.reference_python else []
     if not args.reference_python:
         args.reference_schemes = []
@@ -329,6 +333,7 @@ def main() -> None:
             p.add_argument("--reference-python", help="python of the llm-compressor venv (setup_reference_venv.sh)")
             p.add_argument("--reference-schemes", nargs="*", default=["W4 g128 asym"], choices=list(REFERENCE_SCHEMES))
             p.add_argument("--force", action="store_true", help="re-quantize configs that already have results")
+            p.add_argument("--no-eval", action="store_true", help="quantize the configs and stop (evaluate them in a later run)")
         p.add_argument("--out", required=True)
         p.add_argument("--calib-samples", type=int, default=128)
         p.add_argument("--calib-seqlen", type=int, default=512)

@@ -403,8 +403,11 @@ class HQQ:
     """HQQ (Badri & Shaji 2023): calibration-free refinement of zero points (and so the
     dequantized weights) by a half-quadratic proximal solver on an l_p (p < 1) error.
 
-    Best with ``QuantScheme(symmetric=False, zero_point="float")``; with integer zero points the
-    refined zeros are rounded at the end.
+    Meant for ``QuantScheme(symmetric=False, zero_point="float")``; with integer zero points the
+    refined zeros are rounded at the end and a group keeps its RTN zero unless the rounded one
+    is better. A float zero point removes the exact 0 from the grid: on SmolLM2 at 3 bits that
+    alone (RTN with float zeros) costs more perplexity than HQQ's refinement wins back
+    (BENCHMARKS.md, "HQQ at W3").
     """
 
     iters: int = 20
