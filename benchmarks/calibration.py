@@ -46,6 +46,7 @@ SCHEMES = {
     "W4 g128 sym": dict(bits=4, group_size=128),
     "W4 g128 asym": dict(bits=4, group_size=128, symmetric=False),
     "W4 g128 asymf": dict(bits=4, group_size=128, symmetric=False, zero_point="float"),
+    "W3 g128 sym": dict(bits=3, group_size=128),
     "W3 g128 asym": dict(bits=3, group_size=128, symmetric=False),
     "W3 g128 asymf": dict(bits=3, group_size=128, symmetric=False, zero_point="float"),
     "W2 g64 asym": dict(bits=2, group_size=64, symmetric=False),
@@ -103,7 +104,11 @@ for _s in ("W4 g128 asym", "W3 g128 asym"):
     CONFIGS[f"awq+{GPTQ_CLIP} {_s} [data-free]"] = (f"{AWQ_BENCH}+{GPTQ_CLIP}", _s, "data-free")
 CONFIGS[f"{GPTQ_CLIP} W2 g64 asym"] = (GPTQ_CLIP, "W2 g64 asym", "text")
 CONFIGS[f"{GPTQ_CLIP} W4 g128 asym [data-free]"] = (GPTQ_CLIP, "W4 g128 asym", "data-free")
-CONFIGS[f"{GPTQ_CLIP} W4 g128 sym"] = (GPTQ_CLIP, "W4 g128 sym", "text")
+for _s in ("W4 g128 sym", "W3 g128 sym"):
+    CONFIGS[f"{GPTQ_CLIP} {_s}"] = (GPTQ_CLIP, _s, "text")
+CONFIGS["rtn W3 g128 sym"] = ("rtn", "W3 g128 sym", "text")
+# four times the default calibration text
+CONFIGS[f"{GPTQ_CLIP} W4 g128 asym [state_union 128x512]"] = (GPTQ_CLIP, "W4 g128 asym", "text@128x512")
 CONFIGS["rtn W8A8"] = ("rtn", "W8A8", "text")
 CONFIGS["smoothquant W8A8"] = ("smoothquant", "W8A8", "text")
 
@@ -113,12 +118,16 @@ def _peak_rss() -> int:
 
 
 def _calibration(kind: str, model, tok, args, out: pathlib.Path):
+    """``kind``: "text" (state_union, ``--calib-samples`` x ``--calib-seqlen``), "text@NxL" (state_union,
+    N windows of L tokens whatever the flags say) or "data-free"."""
     from lowbit.calibration import CalibrationData, from_texts, sample_from_model
     from lowbit.eval.data import find_data_dir
 
-    if kind == "text":
-        return from_texts(find_data_dir() / "state_union", tok, n_samples=args.calib_samples,
-                          seqlen=args.calib_seqlen, seed=0)
+    if kind.startswith("text"):
+        n, seqlen = args.calib_samples, args.calib_seqlen
+        if "@" in kind:
+            n, seqlen = (int(v) for v in kind.split("@", 1)[1].split("x"))
+        return from_texts(find_data_dir() / "state_union", tok, n_samples=n, seqlen=seqlen, seed=0)
     cache = out / f"data-free-{args.calib_samples}x{args.calib_seqlen}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
@@ -277,7 +286,7 @@ def _write_table(args, out, t_start, results, names, refs, infos) -> None:
         r = results[n]
         info = infos.get(n) or refs[n][1]
         scheme_part = n.split(" gptq ", 1)[1] if n in refs else n.split(" ", 1)[1]
-        rtn_key = "rtn " + scheme_part.replace(" [data-free]", "")
+        rtn_key = "rtn " + scheme_part.split(" [", 1)[0]  # "[data-free]", "[state_union 128x512]" rows too
         if rtn_key not in results and rtn_key.endswith("f"):
             rtn_key = rtn_key[:-1]  # float-zero rows against RTN with integer zeros
         share = "-"
