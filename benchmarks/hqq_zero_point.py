@@ -44,9 +44,7 @@ def _scheme(w: torch.Tensor, zero_point: str) -> QuantScheme:
 
 
 def rtn(w: torch.Tensor, zero_point: str) -> torch.Tensor:
-    s = _scheme(w, zero_point)
-    qp = formats.choose_qparams(w, s)
-    return formats.dequantize(formats.quantize(w, qp, s), qp, s)
+    return formats.fake_quantize(w, _scheme(w, zero_point))
 
 
 def rtn_float_holding_range_of_zero(w: torch.Tensor) -> torch.Tensor:
