@@ -84,8 +84,8 @@ def dequantize_double(codes: torch.Tensor, absmax: torch.Tensor, offset: torch.T
             f"double-quantized scales: {n} codes need absmax [{n_blocks}] and offset [1], "
             f"got {tuple(absmax.shape)} and {tuple(offset.shape)}"
         )
-    values = codebooks.dynamic_map()[codes.reshape(-1).long()]
-    block_of = torch.arange(n) // DOUBLE_QUANT_BLOCK
+    values = codebooks.dynamic_map().to(codes.device)[codes.reshape(-1).long()]
+    block_of = torch.arange(n, device=codes.device) // DOUBLE_QUANT_BLOCK
     return (values * absmax.float()[block_of] + offset.float()).reshape(codes.shape)
 
 
@@ -122,7 +122,7 @@ def code_values(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """float32 ``value(q)`` of every code (before the scale)."""
     fmt = scheme.format
     if fmt in CODEBOOK_FORMATS:
-        return codebooks.table(fmt)[codes.long()]
+        return codebooks.table(fmt).to(codes.device)[codes.long()]
     if fmt in FP8_FORMATS:
         return codes.contiguous().view(FP8_DTYPES[fmt]).to(torch.float32)
     if fmt == "ternary":

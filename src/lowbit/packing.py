@@ -74,11 +74,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.contiguous()
     rows, cols = codes.shape
     n8 = -(-cols // 8)
-    padded = torch.zeros(rows, n8 * 8, dtype=torch.int64)
+    padded = torch.zeros(rows, n8 * 8, dtype=torch.int64, device=codes.device)
     padded[:, :cols] = codes
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     words = (padded.view(rows, n8, 8) << shifts).sum(dim=-1)  # <= 56 bits, fits int64
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     out = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
     return out.reshape(rows, n8 * bits).to(torch.uint8)
 
@@ -97,13 +97,13 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     if bits == 8:
         return packed.contiguous()
     if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle a byte; stay in uint8
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
         return codes.reshape(rows, expected * (8 // bits))[:, :cols].contiguous()
     n8 = expected // bits
     by = packed.to(torch.int64).view(rows, n8, bits)
-    words = (by << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=-1)
-    codes = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    words = (by << (torch.arange(bits, dtype=torch.int64, device=packed.device) * 8)).sum(dim=-1)
+    codes = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
     return codes.reshape(rows, n8 * 8)[:, :cols].to(torch.uint8).contiguous()
 
 

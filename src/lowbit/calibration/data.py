@@ -199,8 +199,9 @@ def sample_from_model(
     _check_sizes(n_samples, seqlen)
     if not temperature > 0:
         raise DataError(f"temperature must be > 0, got {temperature!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whatever the model's device
     vocab = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
     out = []
@@ -212,12 +213,12 @@ def sample_from_model(
             else:
                 first = torch.full((b, 1), int(bos_token_id), dtype=torch.long)
             seq = [first]
-            res = model(input_ids=first, use_cache=True)
+            res = model(input_ids=first.to(device), use_cache=True)
             for _ in range(seqlen - 1):
-                probs = torch.softmax(res.logits[:, -1, :].float() / temperature, dim=-1)
+                probs = torch.softmax(res.logits[:, -1, :].float() / temperature, dim=-1).cpu()
                 nxt = torch.multinomial(probs, 1, generator=g)
                 seq.append(nxt)
-                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
+                res = model(input_ids=nxt.to(device), past_key_values=res.past_key_values, use_cache=True)
             out.append(torch.cat(seq, dim=1))
     finally:
         model.train(was_training)

@@ -110,7 +110,7 @@ def weight_abs_mean(weights: Sequence[torch.Tensor], scheme: QuantScheme) -> tor
     result is averaged over the output rows of all the linears together.
     """
     k = _check_weights(weights)
-    total = torch.zeros(k, dtype=torch.float64)
+    total = torch.zeros(k, dtype=torch.float64, device=weights[0].device)
     rows = 0
     for w in weights:
         a = w.detach().to(torch.float32).abs().nan_to_num(nan=0.0)
@@ -193,7 +193,7 @@ def search_scales(
             f"activation statistics have shape {tuple(x_abs_mean.shape)}, the weights expect [{k}]"
         )
     w_mean = weight_abs_mean(weights, scheme)
-    ones = torch.ones(k, dtype=torch.float32)
+    ones = torch.ones(k, dtype=torch.float32, device=weights[0].device)
     loss_at_one = float(loss_fn([fake_quantize(w, scheme) for w in weights]))
 
     losses: list[float] = []
@@ -290,9 +290,9 @@ def search_clip(
         # one (s, z) for the whole matrix: each candidate's qparams come from the whole clamped weight
         gmax = org_max.max()
         tensor_qp = [formats.choose_qparams(_clamp(w32, gmax * f, weight.dtype), scheme) for f in shrinks]
-        totals = torch.zeros(len(shrinks), dtype=torch.float64)
+        totals = torch.zeros(len(shrinks), dtype=torch.float64, device=weight.device)
 
-    best_err = torch.full((n, G), float("inf"), dtype=torch.float64)
+    best_err = torch.full((n, G), float("inf"), dtype=torch.float64, device=weight.device)
     best_max = org_max.clone()
     for r0 in range(0, n, rows):
         w = w32[r0 : r0 + rows]  # [c, K]

@@ -56,7 +56,7 @@ def smoothquant_scales(act_abs_max: torch.Tensor, weights: Sequence[torch.Tensor
             "calibration activations (check the calibration data and the layers before this one, or "
             "calibrate in float32)"
         )
-    wmax = torch.zeros(k, dtype=torch.float64)
+    wmax = torch.zeros(k, dtype=torch.float64, device=act.device)
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
             raise CalibrationError(
