@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calibration.stats import ChannelStats, HessianAccumulator
+from lowbit.calibration.stats import ChannelStats, CrossAccumulator, HessianAccumulator
 from lowbit.errors import CalibrationError
 
 K = 48
@@ -127,3 +127,28 @@ def test_errors_name_the_layer_when_given():
     st = ChannelStats(K, name="model.layers.0.self_attn.q_proj")
     with pytest.raises(CalibrationError, match=r"q_proj.*NaN/Inf"):
         st.add_batch(torch.full((2, K), float("nan")))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 64, 4096])
+def test_cross_accumulator_equals_direct_formula(chunk_rows):
+    """D = (2/n) sum_t (f_t - x_t) x_t^T over uneven paired batches; zero when the inputs agree."""
+    fps = _batches(seed=0)
+    xs = [f + 0.1 * torch.randn(f.shape, generator=torch.Generator().manual_seed(i)) for i, f in enumerate(fps)]
+    acc = CrossAccumulator(K, chunk_rows=chunk_rows)
+    same = CrossAccumulator(K, chunk_rows=chunk_rows)
+    for f, x in zip(fps, xs):
+        acc.add_batch(f, x)
+        same.add_batch(x, x)
+    f_all, x_all = _all_rows(fps), _all_rows(xs)
+    want = (2.0 / f_all.shape[0]) * (f_all - x_all).T @ x_all
+    assert acc.n_tokens == 699
+    torch.testing.assert_close(acc.cross.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert torch.count_nonzero(same.cross) == 0
+
+
+def test_cross_accumulator_refuses_unpaired_batches():
+    acc = CrossAccumulator(K)
+    with pytest.raises(CalibrationError, match="pair token for token"):
+        acc.add_batch(torch.zeros(4, K), torch.zeros(5, K))
+    with pytest.raises(CalibrationError, match="no calibration tokens"):
+        acc.cross

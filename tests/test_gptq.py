@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lowbit import formats
-from lowbit.calibration.stats import HessianAccumulator
+from lowbit.calibration.stats import CrossAccumulator, HessianAccumulator
 from lowbit.errors import CalibrationError
 from lowbit.methods import round_weight
-from lowbit.methods.gptq import gptq
+from lowbit.methods.gptq import fp_target_weight, gptq, layer_error, prepare_hessian, refine_scales
 from lowbit.methods.rtn import rtn
 from lowbit.scheme import GPTQ, RTN, Granularity, QuantScheme
 
@@ -259,6 +259,73 @@ def test_shape_mismatch_raises():
         gptq(_weight(), SCHEMES["w4g32-sym"], torch.eye(IN + 8))
     with pytest.raises(CalibrationError, match="2-D"):
         gptq(torch.zeros(IN), SCHEMES["w4g32-sym"], torch.eye(IN))
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("name", ["w4g32-sym", "w3g64-asym", "w4g32-asymf", "w8c-sym", "w2t-sym", "w4g64-asym-bf16"])
+def test_refine_scales_keeps_codes_and_never_raises_a_rows_error(name, act_order):
+    scheme = SCHEMES[name]
+    w = _weight()
+    h = _hessian(_correlated_inputs(2000, IN))
+    plain = gptq(w, scheme, h, GPTQ(act_order=act_order, clip_search=True))
+    refined = gptq(w, scheme, h, GPTQ(act_order=act_order, clip_search=True, refine_scales=True))
+    assert torch.equal(plain.codes(), refined.codes())
+    assert refined.scale.dtype == plain.scale.dtype and refined.scale.shape == plain.scale.shape
+    if plain.zero is not None:
+        assert torch.equal(plain.zero, refined.zero)
+    # the metric the refinement minimises: the dampened Hessian GPTQ factored
+    h_damped = h + 0.01 * float(h.diagonal().mean()) * torch.eye(IN)
+    e_plain = layer_error(w, plain.dequantize(), h_damped)
+    e_ref = layer_error(w, refined.dequantize(), h_damped)
+    if scheme.granularity is Granularity.TENSOR:  # one scale for all rows: only the total is kept lower
+        assert float(e_ref.sum()) <= float(e_plain.sum())
+    else:
+        assert bool((e_ref <= e_plain * (1 + 1e-5)).all())
+    assert float(e_ref.sum()) < 0.999 * float(e_plain.sum())  # the least-squares scales do help here
+
+
+def test_refined_scales_are_the_least_squares_optimum():
+    """float32 scales (no rounding): each row's group scales solve its normal equations; checked
+    against a float64 least-squares solve with the layer inputs themselves."""
+    scheme = QuantScheme(bits=3, symmetric=False, group_size=32)
+    w = _weight()
+    x = _correlated_inputs(3000, IN).double()
+    h = (2.0 / x.shape[0]) * x.T @ x
+    qt = gptq(w, scheme, h.float(), GPTQ(act_order=False))
+    qp = refine_scales(w, qt.codes(), formats.QParams(qt.scale, qt.zero), scheme, h.float())
+    unit = formats.dequantize(qt.codes(), formats.QParams(torch.ones_like(qt.scale), qt.zero), scheme).double()
+    groups = IN // 32
+    for r in (0, 7, 19):
+        # design matrix: the row's output on x as a linear function of its G scales
+        a = torch.stack([x[:, g * 32 : (g + 1) * 32] @ unit[r, g * 32 : (g + 1) * 32] for g in range(groups)], dim=1)
+        want = torch.linalg.lstsq(a, x @ w[r].double()).solution
+        torch.testing.assert_close(qp.scale[r].double(), want, rtol=1e-3, atol=1e-7)
+
+
+def test_refine_scales_refuses_double_quantized_scales():
+    scheme = QuantScheme(format="nf4", group_size=32, double_quant=True)
+    with pytest.raises(CalibrationError, match="refine_scales=False"):
+        gptq(_weight(), scheme, _hessian(_correlated_inputs(500, IN)), GPTQ(refine_scales=True))
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+def test_fp_target_weight_is_the_regression_of_full_precision_outputs(act_order):
+    """With no dampening, W* = W + W D H^-1 is the least-squares fit of X_fp W^T from X_q; with
+    identical inputs (D = 0) it is W itself."""
+    w = _weight()
+    x_fp = _correlated_inputs(3000, IN, seed=3)
+    x_q = x_fp + 0.05 * torch.randn(x_fp.shape, generator=torch.Generator().manual_seed(4))
+    hacc, cacc = HessianAccumulator(IN), CrossAccumulator(IN)
+    hacc.add_batch(x_q)
+    cacc.add_batch(x_fp, x_q)
+    spec = GPTQ(damp=0.0, act_order=act_order)
+    prepared = prepare_hessian(hacc.hessian, spec)
+    got = fp_target_weight(w, cacc.cross, prepared)
+    want = torch.linalg.lstsq(x_q.double(), x_fp.double() @ w.double().T).solution.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    same = CrossAccumulator(IN)
+    same.add_batch(x_q, x_q)
+    assert torch.equal(fp_target_weight(w, same.cross, prepare_hessian(hacc.hessian, GPTQ(act_order=act_order))), w)
 
 
 def test_round_weight_dispatches_to_gptq():

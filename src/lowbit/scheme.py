@@ -343,6 +343,13 @@ class GPTQ:
     ``clip_search``: choose each group's range by the GPTQ reference's weight-error search
     (``formats.search_qparams`` with ``clip_grid``, ``max_shrink``, ``clip_norm``) instead of
     its min/max; off by default (then GPTQ with ``H = I`` is RTN bit for bit).
+    ``refine_scales``: after the codes are chosen, replace each row's scales by the
+    least-squares optimum of the layer's output error for those codes and zero points
+    (``lowbit.methods.gptq.refine_scales``); a row keeps its old scales where that is not lower.
+    ``fp_targets``: GPTAQ-style asymmetric calibration (Li et al. 2025): fit the layer to the
+    full-precision model's outputs ``X_fp W^T`` from the quantized model's inputs ``X_q``
+    (the walker keeps a second, full-precision stream of block inputs); off = plain GPTQ,
+    which fits ``X_q W^T``.
     """
 
     damp: float = 0.01
@@ -353,6 +360,8 @@ class GPTQ:
     clip_grid: int = 100
     max_shrink: float = 0.8
     clip_norm: float = 2.4
+    refine_scales: bool = False
+    fp_targets: bool = False
     name = "gptq"
     kind = "rounding"
     needs_calibration = True
@@ -363,7 +372,7 @@ class GPTQ:
         _check_range("GPTQ", "clip_grid", self.clip_grid, 1, 10_000, integer=True)
         _check_range("GPTQ", "max_shrink", self.max_shrink, 1e-6, 1.0)
         _check_range("GPTQ", "clip_norm", self.clip_norm, 1e-6, 100.0)
-        for f in ("act_order", "true_sequential", "clip_search"):
+        for f in ("act_order", "true_sequential", "clip_search", "refine_scales", "fp_targets"):
             if not isinstance(getattr(self, f), bool):
                 raise SchemeError(f"GPTQ.{f} must be True or False")
 

@@ -6,6 +6,9 @@ state in float32 on the device of the first batch:
 
 * ``HessianAccumulator``: ``H = (2 / n) * sum_t x_t x_t^T``, ``[in, in]``,
   the Hessian of the layer's squared reconstruction error (GPTQ);
+* ``CrossAccumulator``: ``D = (2 / n) * sum_t (f_t - x_t) x_t^T``, ``[in, in]``, from the inputs
+  ``f`` a layer gets in the full-precision model and the inputs ``x`` it gets in the
+  quantized one, token for token (GPTQ with ``fp_targets``);
 * ``ChannelStats``: per input channel, the mean of ``|x|`` (AWQ) and the max
   of ``|x|`` (SmoothQuant), each ``[in]``.
 
@@ -112,6 +115,55 @@ class HessianAccumulator:
 
     def __repr__(self) -> str:
         return f"HessianAccumulator(in_features={self.in_features}, n_tokens={self._n})"
+
+
+class CrossAccumulator:
+    """Running ``D = (2 / n) * sum_t (f_t - x_t) x_t^T`` over paired token rows: ``f`` the layer's
+    full-precision input, ``x`` its quantized-model input for the same token. With ``H`` from a
+    ``HessianAccumulator`` on ``x``, ``W + W D H^-1`` is the weight whose outputs on ``x`` best
+    match ``W``'s outputs on ``f`` (GPTAQ's target); ``D`` is zero when the two inputs agree.
+    float32 ``[in, in]`` on the device of the first pair."""
+
+    def __init__(self, in_features: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, name: Optional[str] = None) -> None:
+        _check_positive(in_features=in_features, chunk_rows=chunk_rows)
+        self.in_features = in_features
+        self.chunk_rows = chunk_rows
+        self.name = name
+        self._n = 0
+        self._c: Optional[torch.Tensor] = None
+
+    def add_batch(self, fp: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the paired token rows of ``fp`` and ``x`` (both ``[..., in_features]``, same shape)."""
+        what = f"layer {self.name!r} (cross-covariance)" if self.name else "CrossAccumulator"
+        f_rows = _as_rows(fp, self.in_features, what)
+        x_rows = _as_rows(x, self.in_features, what)
+        if f_rows.shape != x_rows.shape:
+            raise CalibrationError(
+                f"{what}: full-precision inputs {tuple(fp.shape)} and quantized inputs {tuple(x.shape)} "
+                "must pair token for token; run both models on the same calibration batch"
+            )
+        if x_rows.shape[0] == 0:
+            return
+        if self._c is None:
+            self._c = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x_rows.device)
+        for start in range(0, x_rows.shape[0], self.chunk_rows):
+            f = f_rows[start : start + self.chunk_rows].to(device=self._c.device, dtype=torch.float32)
+            x = x_rows[start : start + self.chunk_rows].to(device=self._c.device, dtype=torch.float32)
+            n_new = self._n + x.shape[0]
+            self._c.mul_(self._n / n_new)
+            self._c.addmm_((f - x).T, x, alpha=2.0 / n_new)
+            self._n = n_new
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """float32 ``[in_features, in_features]``, ``D[a, b] = (2/n) sum_t (f_t[a] - x_t[a]) x_t[b]``."""
+        if self._c is None or self._n == 0:
+            raise CalibrationError(f"layer {self.name!r} (cross-covariance): {_NO_TOKENS}")
+        return self._c
 
 
 class ChannelStats:

@@ -171,6 +171,14 @@ def gptq(
     else:
         u, dead, perm, hdiag = _prepare_hessian(hessian, spec.damp, spec.act_order, device)  # U: [K, K]
     w[:, dead] = 0
+    if spec.refine_scales:
+        if scheme.double_quant:
+            raise CalibrationError(
+                "GPTQ(refine_scales=True) cannot keep double-quantized scales; use refine_scales=False "
+                "with double_quant schemes"
+            )
+        target = w.clone()  # [N, K] the weight the refined scales are fitted to
+        h_damped = _hessian_from_factor(u, perm)  # [K, K] natural order
 
     def choose_qparams(x: torch.Tensor, first_col: int = 0) -> QParams:
         """Parameters for the columns ``first_col ..`` of the weight (natural order)."""
@@ -248,4 +256,99 @@ def gptq(
         restored = torch.empty_like(codes)
         restored[:, perm] = codes
         codes = restored
-    return QuantizedTensor.from_codes(codes, QParams(scale, zero), scheme)
+    qp = QParams(scale, zero)
+    if spec.refine_scales:
+        qp = refine_scales(target, codes, qp, scheme, h_damped)
+    return QuantizedTensor.from_codes(codes, qp, scheme)
+
+
+def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: PreparedHessian) -> torch.Tensor:
+    """GPTAQ's target ``W* = W + W D H^-1`` ``[N, K]`` float32 (``H`` damped, as GPTQ factored it).
+
+    GPTQ on ``W*`` with ``H`` minimises ``||X_fp W^T - X_q Q^T||^2`` (the full-precision model's
+    outputs from the quantized model's inputs): that error is ``||X_q (W* - Q)^T||^2`` plus a
+    constant, with ``W*`` the least-squares regression of ``X_fp W^T`` on ``X_q``. ``cross``: ``D``
+    ``[K, K]`` from ``lowbit.calibration.stats.CrossAccumulator``; the dampening acts on the
+    correction only, so ``D = 0`` (identical inputs) gives ``W`` itself.
+    """
+    n_in = hessian.upper.shape[0]
+    if tuple(cross.shape) != (n_in, n_in) or weight.shape[1] != n_in:
+        raise CalibrationError(
+            f"fp targets need a [{n_in}, {n_in}] cross-covariance and an [out, {n_in}] weight, got "
+            f"{tuple(cross.shape)} and {tuple(weight.shape)}"
+        )
+    u = hessian.upper
+    w = weight.detach().float().to(u.device)
+    wc = w @ cross.float().to(u.device)  # [N, K]
+    perm = hessian.perm
+    if perm is not None:
+        wc = wc[:, perm]
+    corr_p = (wc @ u.T) @ u  # (W D)_p H_p^-1, since H_p^-1 = U^T U
+    if perm is None:
+        return w + corr_p
+    corr = torch.empty_like(corr_p)
+    corr[:, perm] = corr_p
+    return w + corr
+
+
+def _hessian_from_factor(upper: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """The damped Hessian ``(U^T U)^-1 = U^-1 U^-T`` ``[K, K]`` from GPTQ's factor, in the natural order."""
+    eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
+    v = torch.linalg.solve_triangular(upper, eye, upper=True)  # U^-1
+    h_p = v @ v.T
+    if perm is None:
+        return h_p
+    h = torch.empty_like(h_p)
+    h[perm.unsqueeze(1), perm.unsqueeze(0)] = h_p
+    return h
+
+
+def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per row, ``(w - q) H (w - q)^T``: the layer's output error on the calibration inputs, ``[N]``."""
+    d = weight.float() - approx.float()
+    return ((d @ hessian) * d).sum(dim=1)
+
+
+def refine_scales(
+    weight: torch.Tensor, codes: torch.Tensor, qp: QParams, scheme: QuantScheme, hessian: torch.Tensor
+) -> QParams:
+    """Scales that minimise ``(w - q(s)) H (w - q(s))^T`` row by row for fixed ``codes`` and zero points.
+
+    ``weight`` ``[N, K]`` float32, ``codes`` uint8 ``[N, K]``, ``qp`` their parameters, ``hessian``
+    ``[K, K]`` (positive definite). A dequantized weight is linear in its scales
+    (``q = s_g * v(code, zero)``), so each row's ``G`` group scales solve a ``G x G`` linear system
+    ``M s = b`` with ``M[g, h] = v_g^T H_gh v_h`` and ``b[g] = v_g^T (H w)_g``; tensor granularity
+    solves one scalar for all rows. The result is cast to the scale dtype; a row whose new scales
+    are not all finite and positive, or whose error (after that cast) is not lower, keeps its old
+    scales, so no row ever gets worse.
+    """
+    unit = QParams(torch.ones_like(qp.scale, dtype=torch.float32), qp.zero)
+    v = formats.dequantize(codes, unit, scheme)  # [N, K] value of each code per unit scale
+    n, k = v.shape
+    hw = weight @ hessian  # [N, K]
+    old = qp.scale
+    if scheme.granularity is Granularity.TENSOR:
+        m = ((v @ hessian) * v).sum()
+        b = (hw * v).sum()
+        s = (b / m).reshape(1, 1) if float(m) > 0 else old.float()
+    else:
+        groups = old.shape[1]
+        gs = k // groups
+        m = torch.empty(n, groups, groups, dtype=torch.float32, device=v.device)
+        for g in range(groups):
+            p = v[:, g * gs : (g + 1) * gs] @ hessian[g * gs : (g + 1) * gs, :]  # [N, K]
+            m[:, g, :] = (p * v).reshape(n, groups, gs).sum(-1)
+        b = (hw * v).reshape(n, groups, gs).sum(-1)  # [N, G]
+        # a group whose codes all sit on the zero point has v = 0: pin its row of M to identity
+        empty = m.diagonal(dim1=1, dim2=2) <= 0  # [N, G]
+        m.diagonal(dim1=1, dim2=2).masked_fill_(empty, 1.0)
+        s, info = torch.linalg.solve_ex(m, b.unsqueeze(-1))
+        s = s.squeeze(-1)
+        s = torch.where(empty | (info != 0).unsqueeze(1), old.float(), s)
+    new = s.to(old.dtype)
+    new = torch.where(torch.isfinite(new.float()) & (new.float() > 0), new, old)
+    err_new = layer_error(weight, formats.dequantize(codes, QParams(new, qp.zero), scheme), hessian)  # [N]
+    err_old = layer_error(weight, formats.dequantize(codes, qp, scheme), hessian)
+    if scheme.granularity is Granularity.TENSOR:
+        return QParams(new if float(err_new.sum()) < float(err_old.sum()) else old, qp.zero)
+    return QParams(torch.where((err_new < err_old).unsqueeze(1), new, old), qp.zero)

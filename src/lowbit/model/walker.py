@@ -9,7 +9,9 @@
    after the earlier groups are quantized, stopping the forward pass as soon as they are in);
    then run the block to produce the next block's inputs, from the quantized block
    (``propagate="quantized"``, the GPTQ reference) or the full-precision one
-   (``propagate="full_precision"``, computed before anything changes).
+   (``propagate="full_precision"``, computed before anything changes). ``GPTQ(fp_targets=True)``
+   also keeps a full-precision stream of block inputs and a full-precision copy of the block,
+   so that each linear is fitted to its full-precision outputs (GPTAQ).
 3. Swap the block's linears for QuantLinear; a ``BlockSource`` may then drop the block's
    full-precision tensors (see ``lowbit.model.streaming``).
 
@@ -19,8 +21,8 @@ Linears outside the blocks (an LM head a rule quantizes) get the rounding withou
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-
 import inspect
 import shutil
 import tempfile
@@ -33,11 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration.data import CalibrationData
-from lowbit.calibration.stats import ChannelStats, HessianAccumulator
+from lowbit.calibration.stats import ChannelStats, CrossAccumulator, HessianAccumulator
 from lowbit.errors import CalibrationError, DataError
 from lowbit.methods import round_weight
 from lowbit.methods import awq as awq_m
-from lowbit.methods.gptq import prepare_hessian
+from lowbit.methods.gptq import fp_target_weight, prepare_hessian
 from lowbit.methods.smoothquant import smoothquant_scales
 from lowbit.model.adapters import InputGroup, ModelAdapter, find_blocks, trace_block
 from lowbit.model.swap import (
@@ -194,11 +196,12 @@ def capture_block_inputs(
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params:
         forward_kw["use_cache"] = False
+    device = _input_device(model)
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for ids in calibration.ids.split(options.batch_size):
             try:
-                model(input_ids=ids, **forward_kw)
+                model(input_ids=ids.to(device), **forward_kw)
             except _Stop:
                 pass
             else:
@@ -210,6 +213,16 @@ def capture_block_inputs(
             kwargs.pop("past_key_values", None)
             kwargs.pop("past_key_value", None)
     return _Inputs(hidden, extras)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (streamed blocks may still be on meta)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -263,6 +276,8 @@ class BlockWalker:
         structure = self.adapter.structure
         prefix = self.adapter.blocks
         done: set[str] = set()
+        rounding = self.recipe.rounding
+        fp_inputs = _copy_inputs(inputs, self.options) if isinstance(rounding, GPTQ) and rounding.fp_targets else None
         try:
             for i, block in enumerate(tqdm(self.blocks, desc=f"quantizing ({self.recipe.method_name})", disable=not self.progress, unit="block")):
                 if self.source is not None:
@@ -281,15 +296,24 @@ class BlockWalker:
                     if f"{prefix}.{i}.{rel}" in self.plan
                 }
                 fp_out = self._pass(block, inputs, keep=True) if self.options.propagate == "full_precision" else None
+                # GPTAQ: the block as it is now, and its outputs on the full-precision stream
+                fp_pair = None
+                if fp_inputs is not None:
+                    fp_block = copy.deepcopy(block)
+                    fp_pair = (fp_block, fp_inputs, self._pass(fp_block, fp_inputs, keep=True))
                 for spec in self.recipe.transforms:
                     if isinstance(spec, AWQ):
                         self._awq(block, structure, layers, inputs, spec, f"{prefix}.{i}")
                     elif isinstance(spec, SmoothQuant):
                         self._smooth(block, structure, layers, inputs, spec, f"{prefix}.{i}")
-                results = self._round(block, structure, layers, inputs)
+                results = self._round(block, structure, layers, inputs, fp_pair)
                 outputs = fp_out if fp_out is not None else self._pass(block, inputs, keep=True)
                 inputs.hidden.close()
                 inputs = _Inputs(outputs, inputs.extras)
+                if fp_pair is not None:
+                    fp_inputs.hidden.close()
+                    fp_inputs = _Inputs(fp_pair[2], inputs.extras)
+                    del fp_pair
                 for rel, (qt, ref) in results.items():
                     install_quantized(self.model, layers[rel], qt, ref, self.report, self.owners)
                     done.add(layers[rel].name)
@@ -305,6 +329,8 @@ class BlockWalker:
                     self.source.release(i, block)
         finally:
             inputs.hidden.close()
+            if fp_inputs is not None:
+                fp_inputs.hidden.close()
         outside = [p for n, p in self.plan.items() if not n.startswith(prefix + ".")]
         self._round_uncalibrated(outside, "lies outside the transformer blocks")
         return self.report
@@ -453,7 +479,32 @@ class BlockWalker:
             self._fold(block, g, smoothquant_scales(stats[g].abs_max, weights, spec.alpha))
 
     # -- rounding -----------------------------------------------------------------------
-    def _round(self, block, structure, layers, inputs) -> dict[str, tuple]:
+    def _paired_pass(self, block, inputs, fp_block, fp_inputs, stage, accs, crosses) -> None:
+        """For each batch: the full-precision block on the full-precision stream, then the block
+        on the quantized stream, pairing each stage input token for token (H and C for GPTAQ)."""
+        firsts = {g: block.get_submodule(g.linears[0]) for g in stage}
+        fp_firsts = {g: fp_block.get_submodule(g.linears[0]) for g in stage}
+        for i in range(len(inputs.hidden)):
+            seen: dict = {}
+            with _hooks({fp_firsts[g]: (lambda x, g=g: seen.__setitem__(g, x.detach())) for g in stage}, fp_firsts[stage[-1]]):
+                try:
+                    fp_inputs.call(fp_block, i)
+                except _Stop:
+                    pass
+
+            def take(x, g):
+                accs[g].add_batch(x)
+                crosses[g].add_batch(seen[g], x)
+
+            with _hooks({firsts[g]: (lambda x, g=g: take(x, g)) for g in stage}, firsts[stage[-1]]):
+                try:
+                    inputs.call(block, i)
+                except _Stop:
+                    pass
+
+    def _round(self, block, structure, layers, inputs, fp_pair=None) -> dict[str, tuple]:
+        """Round the block's planned linears; ``fp_pair`` = (full-precision block copy, its input
+        stream, its outputs) makes GPTQ fit the full-precision outputs (``GPTQ.fp_targets``)."""
         rounding = self.recipe.rounding
         results: dict[str, tuple] = {}
         groups = [g for g in structure.groups if any(rel in layers and layers[rel].scheme is not None for rel in g.linears)]
@@ -480,7 +531,12 @@ class BlockWalker:
             accs = {g: HessianAccumulator(get_weight(firsts[g]).shape[1]) for g in stage}
             # stop right after the stage's last input is seen (forward order = structure order)
             stop = firsts[stage[-1]]
-            self._pass(block, inputs, pre={firsts[g]: accs[g].add_batch for g in stage}, stop=stop)
+            crosses = None
+            if fp_pair is None:
+                self._pass(block, inputs, pre={firsts[g]: accs[g].add_batch for g in stage}, stop=stop)
+            else:
+                crosses = {g: CrossAccumulator(get_weight(firsts[g]).shape[1]) for g in stage}
+                self._paired_pass(block, inputs, fp_pair[0], fp_pair[1], stage, accs, crosses)
             for g in stage:
                 try:
                     h = prepare_hessian(accs.pop(g).hessian, rounding)  # factored once per shared input
@@ -491,11 +547,24 @@ class BlockWalker:
                         continue
                     mod = block.get_submodule(rel)
                     w = get_weight(mod)
-                    qt = round_weight(w, layers[rel].scheme, rounding, hessian=h)
+                    target = w
+                    if crosses is not None:  # the full-precision copy's weight pairs with its inputs
+                        target = fp_target_weight(get_weight(fp_pair[0].get_submodule(rel)), crosses[g].cross, h)
+                    qt = round_weight(target, layers[rel].scheme, rounding, hessian=h)
                     set_weight(mod, qt.dequantize())
                     results[rel] = (qt, w)
+                if crosses is not None:
+                    del crosses[g]
                 del h
         return results
+
+
+def _copy_inputs(inputs: _Inputs, options: WalkOptions) -> _Inputs:
+    """A second store holding the same block inputs (the full-precision stream starts equal)."""
+    store = ActivationStore(options.offload, options.offload_dir)
+    for t in inputs.hidden:
+        store.append(t)
+    return _Inputs(store, inputs.extras)
 
 
 def _no_clip(rel: str, adapter: ModelAdapter) -> bool:
