@@ -348,8 +348,8 @@ class GPTQ:
     (``lowbit.methods.gptq.refine_scales``); a row keeps its old scales where that is not lower.
     ``fp_targets``: GPTAQ-style asymmetric calibration (Li et al. 2025): fit the layer to the
     full-precision model's outputs ``X_fp W^T`` from the quantized model's inputs ``X_q``
-    (the walker keeps a second, full-precision stream of block inputs); off = plain GPTQ,
-    which fits ``X_q W^T``.
+    (the walker keeps a second, full-precision stream of block inputs, so the calibration
+    activations held or spilled double); off = plain GPTQ, which fits ``X_q W^T``.
     """
 
     damp: float = 0.01

@@ -1,0 +1,206 @@
+"""GPTQ variants at W4 (or ``--bits 3``) g128 asym on SmolLM2-135M-Instruct, quantized and scored in one process.
+
+A sweep for the question "what closes the rest of the gap to fp32 at W4": calibration set
+(state_union text or data-free samples, 32 x 512 up to 128 x 2048), dampening, act-order, the
+GPTAQ-style full-precision targets (``GPTQ(fp_targets=True)``) and the least-squares scale
+refinement (``GPTQ(refine_scales=True)``). Every variant is quantized from the same fp32 model
+and compared with it on the same WikiText-2 test windows (lowbit's protocol: perplexity, KL,
+top-1), on ``--device`` (a GPU makes the whole sweep take minutes; the numerics are the same
+float32 math, so CPU reruns of a row agree to rounding).
+
+The baseline is the GGUF's Q4_1 weights dequantized to fp32; "g128" is group 128 where it
+divides the layer and group 64 on the 576-wide layers (``indivisible_groups="shrink"``), as in
+``benchmarks/calibration.py``.
+
+    .venv/bin/python benchmarks/gptq_variants.py inputs --out /tmp/gv/inputs.pt   # token ids, once
+    .venv/bin/python benchmarks/gptq_variants.py run --inputs /tmp/gv/inputs.pt --device cuda \\
+        --variants "rtn" "clip df32x512" "clip+fpt df128x2048 damp=0.1" --out /tmp/gv/results.jsonl
+
+``inputs`` tokenizes the evaluation windows and the state_union calibration windows and loads
+the cached data-free samples (``--data-free`` files written by ``benchmarks/calibration.py``), so
+``run`` needs neither the data directory nor a tokenizer pass (a GPU machine may have neither).
+Data-free sets not in the inputs file are sampled on ``--device`` with seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+SCHEME = dict(bits=4, group_size=128, symmetric=False)
+# flags a variant name may carry after its method and calibration set
+FLAGS = {"noact": ("act_order", False)}
+NUMERIC = {"damp": "damp", "norm": "clip_norm", "shrink": "max_shrink", "grid": "clip_grid"}
+EXAMPLES = ["rtn", "clip df32x512", "clip+fpt df32x512", "clip+refine df128x2048 damp=0.1", "gptq text32x512 noact fpprop"]
+
+
+def parse_variant(name: str) -> tuple[dict | None, str | None, str]:
+    """``"<method> [<calibration>] [options]"`` -> (GPTQ keyword arguments or None for RTN,
+    calibration key, propagate).
+
+    method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
+    (``fp_targets``) and/or ``+refine`` (``refine_scales``); calibration: ``textNxL`` (state_union)
+    or ``dfNxL`` (data-free); options: ``damp=X``, ``norm=X``, ``shrink=X``, ``grid=N``, ``noact``
+    (no act-order), ``fpprop`` (next block sees full-precision outputs).
+    """
+    words = name.split()
+    head = words[0].split("+")
+    if head[0] == "rtn" and len(words) == 1 and len(head) == 1:
+        return None, None, "quantized"
+    if head[0] not in ("gptq", "clip") or len(words) < 2 or not words[1].startswith(("text", "df")):
+        raise SystemExit(f"bad variant {name!r}; examples: {EXAMPLES}")
+    opts: dict = {"clip_search": head[0] == "clip"}
+    for extra in head[1:]:
+        opts[{"fpt": "fp_targets", "refine": "refine_scales"}[extra]] = True
+    _size(words[1])
+    propagate = "quantized"
+    for w in words[2:]:
+        if w == "fpprop":
+            propagate = "full_precision"
+        elif w in FLAGS:
+            opts[FLAGS[w][0]] = FLAGS[w][1]
+        elif "=" in w and w.split("=")[0] in NUMERIC:
+            k, v = w.split("=")
+            opts[NUMERIC[k]] = int(v) if k == "grid" else float(v)
+        else:
+            raise SystemExit(f"bad option {w!r} in variant {name!r}; examples: {EXAMPLES}")
+    return opts, words[1], propagate
+
+
+def _size(key: str) -> tuple[int, int]:
+    """``"text32x512"`` / ``"df128x2048"`` -> (windows, tokens per window)."""
+    n, length = key[4 if key.startswith("text") else 2 :].split("x")
+    return int(n), int(length)
+
+
+def cmd_inputs(args) -> None:
+    """Token ids for ``run``: evaluation windows, state_union windows, cached data-free samples."""
+    import lowbit
+    from lowbit.calibration import from_texts
+    from lowbit.eval.data import find_data_dir, load_wikitext2_test_text, tokenize_once
+    from lowbit.eval.perplexity import make_windows
+
+    _, tok = lowbit.load_pretrained("default")
+    saved = {"windows": make_windows(tokenize_once(tok, load_wikitext2_test_text()), args.window_len, args.windows)}
+    for key in args.text:
+        n, length = _size(key)
+        saved[key] = from_texts(find_data_dir() / "state_union", tok, n_samples=n, seqlen=length, seed=0).ids
+    for path in args.data_free or []:
+        d = torch.load(path, weights_only=False)
+        n, length = d["ids"].shape
+        saved[f"df{n}x{length}"] = d["ids"]
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, args.out)
+    print({k: tuple(v.shape) for k, v in saved.items()})
+
+
+def _calibration(key: str, inputs: dict, model, device, save_dir) -> torch.Tensor:
+    from lowbit.calibration import sample_from_model
+
+    if key not in inputs:
+        if not key.startswith("df"):
+            raise SystemExit(f"{key} is not in the inputs file; rerun `inputs`")
+        n, length = _size(key)
+        t = time.perf_counter()
+        inputs[key] = sample_from_model(model, bos_token_id=model.config.bos_token_id, n_samples=n, seqlen=length,
+                                        seed=0, batch_size=min(n, 128) if device.type == "cuda" else 16).ids
+        print(f"[sampled {key} in {time.perf_counter() - t:.0f} s]", flush=True)
+        if save_dir:  # so that a CPU rerun can use the very same samples (`inputs --data-free`)
+            torch.save({"ids": inputs[key], "description": {"source": "data-free", "seed": 0, "device": str(device)}},
+                       pathlib.Path(save_dir) / f"data-free-{n}x{length}.pt")
+    return inputs[key]
+
+
+def cmd_run(args) -> None:
+    import lowbit
+    from lowbit.calibration import CalibrationData
+    from lowbit.eval.compare import compare_many
+    from lowbit.kernels.registry import use_kernel
+    from lowbit.model.walker import WalkOptions
+    from lowbit.scheme import GPTQ, QuantScheme, Recipe
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    inputs = torch.load(args.inputs, weights_only=False)
+    windows = inputs["windows"][: args.max_windows]
+    fp32, _ = lowbit.load_pretrained(args.model)
+    if args.blocks:  # a smoke test on the first blocks only
+        fp32.model.layers = fp32.model.layers[: args.blocks]
+        fp32.config.num_hidden_layers = args.blocks
+    fp32 = fp32.to(device).eval()
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}), "
+          f"torch {torch.__version__}, {windows.shape[0]} x {windows.shape[1]} windows", flush=True)
+    for name in args.variants:
+        parse_variant(name)  # every name checked before any work
+    rtn_delta = None
+    for name in args.variants:
+        opts, key, propagate = parse_variant(name)
+        model = copy.deepcopy(fp32)
+        method = "rtn" if opts is None else GPTQ(**opts)
+        recipe = Recipe.uniform(QuantScheme(**{**SCHEME, "bits": args.bits}), method=method, indivisible_groups="shrink")
+        calib = None if key is None else CalibrationData(_calibration(key, inputs, fp32, device, args.save_sampled), {"source": key})
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        lowbit.quantize(model, recipe, calibration=calib, progress=False,
+                        options=WalkOptions(batch_size=args.batch_size, propagate=propagate))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        q_s = time.perf_counter() - t
+        with use_kernel("dequantized"):
+            r = compare_many(fp32, {name: model}, windows, progress=False)[name]
+        delta = r.candidate_ppl - r.reference_ppl
+        if name == "rtn":
+            rtn_delta = delta
+        row = {"variant": name, "bits": args.bits, "gptq": opts, "calibration": key, "propagate": propagate, "ppl": r.candidate_ppl, "fp32_ppl": r.reference_ppl,
+               "delta": delta, "share_of_rtn": None if rtn_delta is None else delta / rtn_delta,
+               "kl": r.mean_kl, "top1": r.top1_agreement, "quantize_s": q_s, "device": str(device),
+               "windows": list(windows.shape), "date": time.strftime("%Y-%m-%d")}
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        share = "-" if row["share_of_rtn"] is None else f"{row['share_of_rtn']:.3f}"
+        print(f"{name:34s} ppl {r.candidate_ppl:8.3f} (fp32 {r.reference_ppl:.3f}, d {delta:+.3f}, "
+              f"share {share}) KL {r.mean_kl:.4f} top1 {r.top1_agreement:.3f} quant {q_s:6.1f} s", flush=True)
+        del model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("inputs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--window-len", type=int, default=2048)
+    p.add_argument("--text", nargs="*", default=["text32x512", "text128x2048"], help="state_union sets to tokenize")
+    p.add_argument("--data-free", nargs="*", help="data-free-NxL.pt files from benchmarks/calibration.py")
+    p.set_defaults(fn=cmd_inputs)
+    p = sub.add_parser("run")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--model", default="default", help='"default" or a .gguf path')
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bits", type=int, default=4, help="4 (W4 g128 asym) or 3 (W3 g128 asym)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block call")
+    p.add_argument("--variants", nargs="+", required=True, metavar="NAME", help=f"e.g. {EXAMPLES}")
+    p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--save-sampled", default=None, help="directory for the data-free samples drawn here")
+    p.add_argument("--max-windows", type=int, default=None, help="score the first N windows only")
+    p.add_argument("--blocks", type=int, default=0, help="keep the first N blocks only (smoke tests)")
+    p.set_defaults(fn=cmd_run)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
