@@ -302,6 +302,12 @@ def test_refined_scales_are_the_least_squares_optimum():
         torch.testing.assert_close(qp.scale[r].double(), want, rtol=1e-3, atol=1e-7)
 
 
+def test_bare_gptq_refuses_fp_targets_it_cannot_compute():
+    """fp_targets needs the walker's full-precision stream: a bare call must not silently drop it."""
+    with pytest.raises(CalibrationError, match="full-precision stream"):
+        gptq(_weight(), SCHEMES["w4g32-sym"], _hessian(_correlated_inputs(500, IN)), GPTQ(fp_targets=True))
+
+
 def test_refine_scales_refuses_double_quantized_scales():
     scheme = QuantScheme(format="nf4", group_size=32, double_quant=True)
     with pytest.raises(CalibrationError, match="refine_scales=False"):

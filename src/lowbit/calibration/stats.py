@@ -66,6 +66,24 @@ def _check_positive(**values: int) -> None:
             raise CalibrationError(f"{name} must be a positive integer, got {v!r}")
 
 
+def _add_outer_mean(
+    state: torch.Tensor, n: int, left: torch.Tensor, right: torch.Tensor, chunk_rows: int, left_minus_right: bool = False
+) -> int:
+    """Fold ``m`` new paired rows into ``state = (2 / n) * sum_t a_t b_t^T`` in place, ``chunk_rows`` at
+    a time, and return ``n + m``; ``a = left`` (or ``left - right``), ``b = right``. The old average is
+    rescaled by ``n / (n + m)`` before each chunk is added, so ``state`` is always the exact mean."""
+    for start in range(0, right.shape[0], chunk_rows):
+        b = right[start : start + chunk_rows].to(device=state.device, dtype=torch.float32)
+        a = left[start : start + chunk_rows].to(device=state.device, dtype=torch.float32)
+        if left_minus_right:
+            a = a - b
+        n_new = n + b.shape[0]
+        state.mul_(n / n_new)
+        state.addmm_(a.T, b, alpha=2.0 / n_new)
+        n = n_new
+    return n
+
+
 class HessianAccumulator:
     """Running ``H = (2 / n) * sum_t x_t x_t^T`` over all ``n`` token rows seen so far.
 
@@ -90,13 +108,7 @@ class HessianAccumulator:
             return
         if self._h is None:
             self._h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[0], self.chunk_rows):
-            chunk = rows[start : start + self.chunk_rows].to(device=self._h.device, dtype=torch.float32)
-            n_new = self._n + chunk.shape[0]
-            self._h.mul_(self._n / n_new)
-            self._h.addmm_(chunk.T, chunk, alpha=2.0 / n_new)
-            self._n = n_new
-            del chunk
+        self._n = _add_outer_mean(self._h, self._n, rows, rows, self.chunk_rows)
 
     @property
     def n_tokens(self) -> int:
@@ -146,13 +158,7 @@ class CrossAccumulator:
             return
         if self._c is None:
             self._c = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x_rows.device)
-        for start in range(0, x_rows.shape[0], self.chunk_rows):
-            f = f_rows[start : start + self.chunk_rows].to(device=self._c.device, dtype=torch.float32)
-            x = x_rows[start : start + self.chunk_rows].to(device=self._c.device, dtype=torch.float32)
-            n_new = self._n + x.shape[0]
-            self._c.mul_(self._n / n_new)
-            self._c.addmm_((f - x).T, x, alpha=2.0 / n_new)
-            self._n = n_new
+        self._n = _add_outer_mean(self._c, self._n, f_rows, x_rows, self.chunk_rows, left_minus_right=True)
 
     @property
     def n_tokens(self) -> int:

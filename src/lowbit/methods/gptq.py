@@ -148,6 +148,12 @@ def gptq(
     """
     if not isinstance(spec, GPTQ):
         raise CalibrationError(f"gptq needs a GPTQ spec, got {type(spec).__name__}")
+    if spec.fp_targets:
+        raise CalibrationError(
+            "GPTQ(fp_targets=True) needs the full-precision stream of the block walker; quantize "
+            "through lowbit.quantize(model, recipe, calibration=...), or pass fp_target_weight(...) "
+            "as the weight with GPTQ(fp_targets=False)"
+        )
     if weight.dim() != 2:
         raise CalibrationError(f"GPTQ quantizes 2-D [out, in] weights, got shape {tuple(weight.shape)}")
     n_out, n_in = weight.shape

@@ -526,6 +526,8 @@ class BlockWalker:
                         results[rel] = (round_weight(w, layers[rel].scheme, rounding), w)
             return results
         stages = [[g] for g in groups] if rounding.true_sequential else [groups]
+        # the fp targets are computed here; the rounding itself is plain GPTQ on them
+        per_layer = dataclasses.replace(rounding, fp_targets=False)
         for stage in stages:
             firsts = {g: block.get_submodule(g.linears[0]) for g in stage}
             accs = {g: HessianAccumulator(get_weight(firsts[g]).shape[1]) for g in stage}
@@ -550,7 +552,7 @@ class BlockWalker:
                     target = w
                     if crosses is not None:  # the full-precision copy's weight pairs with its inputs
                         target = fp_target_weight(get_weight(fp_pair[0].get_submodule(rel)), crosses[g].cross, h)
-                    qt = round_weight(target, layers[rel].scheme, rounding, hessian=h)
+                    qt = round_weight(target, layers[rel].scheme, per_layer, hessian=h)
                     set_weight(mod, qt.dequantize())
                     results[rel] = (qt, w)
                 if crosses is not None:
