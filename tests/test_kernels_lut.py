@@ -125,8 +125,12 @@ def test_activation_codes_and_scales_equal_the_torch_twin(b, k, group, seed):
     xq_t, d_t = cpu_lut.quantize_activations(x, kpad)
     assert torch.equal(xq, xq_t)
     assert torch.equal(d, d_t)
-    sums = (xq_t.view(b, -1, 32).to(torch.float64).sum(-1) * d_t.to(torch.float64)).view(b, kpad // grp, -1).sum(-1)
-    assert torch.allclose(xg.double(), sums, rtol=1e-5, atol=1e-6)
+    terms = xq_t.view(b, -1, 32).to(torch.float64).sum(-1) * d_t.to(torch.float64)
+    sums = terms.view(b, kpad // grp, -1).sum(-1)
+    # float32 accumulation: the error scales with the sum of |terms|, not with a sum that cancels
+    # (hypothesis found b=1, k=199, seed=0: sum 0.1346 of terms whose magnitudes add to 768)
+    abs_sums = (xq_t.view(b, -1, 32).to(torch.float64).abs().sum(-1) * d_t.to(torch.float64)).view(b, kpad // grp, -1).sum(-1)
+    assert bool(((xg.double() - sums).abs() <= 1e-5 * sums.abs() + 2**-20 * abs_sums + 1e-6).all())
 
 
 @SETTINGS
