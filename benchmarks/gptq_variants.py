@@ -40,40 +40,54 @@ SCHEME = dict(bits=4, group_size=128, symmetric=False)
 # flags a variant name may carry after its method and calibration set
 FLAGS = {"noact": ("act_order", False)}
 NUMERIC = {"damp": "damp", "norm": "clip_norm", "shrink": "max_shrink", "grid": "clip_grid"}
-EXAMPLES = ["rtn", "clip df32x512", "clip+fpt df32x512", "clip+refine df128x2048 damp=0.1", "gptq text32x512 noact fpprop"]
+# SignRound options: iters=N, lr=X, norange
+SR_NUMERIC = {"iters": "iters", "lr": "lr"}
+EXAMPLES = ["rtn", "clip df32x512", "clip+fpt df32x512", "clip+refine df128x2048 damp=0.1", "gptq text32x512 noact fpprop",
+            "sr df32x512 iters=200", "sr df32x512 iters=100 lr=0.01 norange", "srclip df32x512 iters=100"]
 
 
-def parse_variant(name: str) -> tuple[dict | None, str | None, str]:
-    """``"<method> [<calibration>] [options]"`` -> (GPTQ keyword arguments or None for RTN,
-    calibration key, propagate).
+def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
+    """``"<method> [<calibration>] [options]"`` -> (method kind ``"rtn"``/``"gptq"``/``"signround"``,
+    its keyword arguments, calibration key, propagate).
 
     method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
-    (``fp_targets``) and/or ``+refine`` (``refine_scales``); calibration: ``textNxL`` (state_union)
-    or ``dfNxL`` (data-free); options: ``damp=X``, ``norm=X``, ``shrink=X``, ``grid=N``, ``noact``
-    (no act-order), ``fpprop`` (next block sees full-precision outputs).
+    (``fp_targets``) and/or ``+refine`` (``refine_scales``), or ``sr`` (``SignRound`` from RTN) or
+    ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``);
+    calibration: ``textNxL`` (state_union) or ``dfNxL`` (data-free); GPTQ options: ``damp=X``,
+    ``norm=X``, ``shrink=X``, ``grid=N``, ``noact`` (no act-order); SignRound options:
+    ``iters=N``, ``lr=X``, ``norange`` (round only, no range factors); any method: ``fpprop``
+    (next block sees full-precision outputs).
     """
     words = name.split()
     head = words[0].split("+")
     if head[0] == "rtn" and len(words) == 1 and len(head) == 1:
-        return None, None, "quantized"
-    if head[0] not in ("gptq", "clip") or len(words) < 2 or not words[1].startswith(("text", "df")):
+        return "rtn", None, None, "quantized"
+    if head[0] not in ("gptq", "clip", "sr", "srclip") or len(words) < 2 or not words[1].startswith(("text", "df")):
         raise SystemExit(f"bad variant {name!r}; examples: {EXAMPLES}")
-    opts: dict = {"clip_search": head[0] == "clip"}
+    kind = "signround" if head[0].startswith("sr") else "gptq"
+    opts: dict = {} if kind == "signround" else {"clip_search": head[0] == "clip"}
+    if head[0] == "srclip":
+        opts["start"] = {"clip_search": True}
     for extra in head[1:]:
+        if kind == "signround" or extra not in ("fpt", "refine"):
+            raise SystemExit(f"bad method {words[0]!r} in variant {name!r}; examples: {EXAMPLES}")
         opts[{"fpt": "fp_targets", "refine": "refine_scales"}[extra]] = True
     _size(words[1])
     propagate = "quantized"
+    numeric = SR_NUMERIC if kind == "signround" else NUMERIC
     for w in words[2:]:
         if w == "fpprop":
             propagate = "full_precision"
-        elif w in FLAGS:
+        elif kind == "gptq" and w in FLAGS:
             opts[FLAGS[w][0]] = FLAGS[w][1]
-        elif "=" in w and w.split("=")[0] in NUMERIC:
+        elif kind == "signround" and w == "norange":
+            opts["tune_range"] = False
+        elif "=" in w and w.split("=")[0] in numeric:
             k, v = w.split("=")
-            opts[NUMERIC[k]] = int(v) if k == "grid" else float(v)
+            opts[numeric[k]] = int(v) if k in ("grid", "iters") else float(v)
         else:
             raise SystemExit(f"bad option {w!r} in variant {name!r}; examples: {EXAMPLES}")
-    return opts, words[1], propagate
+    return kind, opts, words[1], propagate
 
 
 def _size(key: str) -> tuple[int, int]:
@@ -126,7 +140,7 @@ def cmd_run(args) -> None:
     from lowbit.eval.compare import compare_many
     from lowbit.kernels.registry import use_kernel
     from lowbit.model.walker import WalkOptions
-    from lowbit.scheme import GPTQ, QuantScheme, Recipe
+    from lowbit.scheme import GPTQ, QuantScheme, Recipe, SignRound
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
     torch.backends.cudnn.allow_tf32 = False
@@ -146,15 +160,15 @@ def cmd_run(args) -> None:
         parse_variant(name)  # every name checked before any work
     rtn_delta = None
     for name in args.variants:
-        opts, key, propagate = parse_variant(name)
+        kind, opts, key, propagate = parse_variant(name)
         model = copy.deepcopy(fp32)
-        method = "rtn" if opts is None else GPTQ(**opts)
+        method = {"rtn": lambda: "rtn", "gptq": lambda: GPTQ(**opts), "signround": lambda: SignRound(**opts)}[kind]()  # start: dict -> GPTQ
         recipe = Recipe.uniform(QuantScheme(**{**SCHEME, "bits": args.bits}), method=method, indivisible_groups="shrink")
         calib = None if key is None else CalibrationData(_calibration(key, inputs, fp32, device, args.save_sampled), {"source": key})
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        lowbit.quantize(model, recipe, calibration=calib, progress=False,
+        lowbit.quantize(model, recipe, calibration=calib, progress=args.progress,
                         options=WalkOptions(batch_size=args.batch_size, propagate=propagate))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -164,7 +178,7 @@ def cmd_run(args) -> None:
         delta = r.candidate_ppl - r.reference_ppl
         if name == "rtn":
             rtn_delta = delta
-        row = {"variant": name, "bits": args.bits, "gptq": opts, "calibration": key, "propagate": propagate, "ppl": r.candidate_ppl, "fp32_ppl": r.reference_ppl,
+        row = {"variant": name, "bits": args.bits, kind: opts, "batch_size": args.batch_size, "calibration": key, "propagate": propagate, "ppl": r.candidate_ppl, "fp32_ppl": r.reference_ppl,
                "delta": delta, "share_of_rtn": None if rtn_delta is None else delta / rtn_delta,
                "kl": r.mean_kl, "top1": r.top1_agreement, "quantize_s": q_s, "device": str(device),
                "windows": list(windows.shape), "date": time.strftime("%Y-%m-%d")}
@@ -197,6 +211,7 @@ def main() -> None:
     p.add_argument("--save-sampled", default=None, help="directory for the data-free samples drawn here")
     p.add_argument("--max-windows", type=int, default=None, help="score the first N windows only")
     p.add_argument("--blocks", type=int, default=0, help="keep the first N blocks only (smoke tests)")
+    p.add_argument("--progress", action="store_true", help="show the walker's per-block progress bar")
     p.set_defaults(fn=cmd_run)
     args = ap.parse_args()
     args.fn(args)

@@ -13,7 +13,7 @@ from lowbit.calibration import CalibrationData, from_texts, load_texts, sample_f
 from lowbit.errors import CalibrationError, DataError, UnsupportedModelError
 from lowbit.model.adapters import InputGroup, find_blocks, trace_block
 from lowbit.model.walker import WalkOptions, capture_block_inputs
-from lowbit.scheme import AWQ, GPTQ, HQQ, QuantScheme, Recipe, SmoothQuant
+from lowbit.scheme import AWQ, GPTQ, HQQ, QuantScheme, Recipe, SignRound, SmoothQuant
 from tiny_models import random_ids, tiny_gpt2, tiny_llama
 
 W4 = QuantScheme(bits=4, group_size=32)
@@ -269,14 +269,15 @@ def test_nan_activations_are_a_typed_error():
 
 
 # -- streaming from shards --------------------------------------------------------------------
-def test_quantize_from_disk_matches_in_memory(tmp_path):
+@pytest.mark.parametrize("method", ["gptq", SignRound(iters=4)], ids=["gptq", "signround"])
+def test_quantize_from_disk_matches_in_memory(tmp_path, method):
     model = tiny_llama(tie=False)
     model.save_pretrained(tmp_path / "src", max_shard_size="100KB", safe_serialization=True)
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     tok_dir = tmp_path / "src"
     _write_byte_tokenizer(tok_dir)
     data = calib(8, 32)
-    recipe = Recipe.uniform(W4, method="gptq")
+    recipe = Recipe.uniform(W4, method=method)
     report = lowbit.quantize_from_disk(tok_dir, recipe, tmp_path / "out.safetensors", calibration=data, progress=False)
     assert len(report.layers) == 14
     lowbit.quantize(model, recipe, calibration=data, progress=False)
@@ -286,7 +287,7 @@ def test_quantize_from_disk_matches_in_memory(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
+@pytest.mark.parametrize("method", ["gptq", "rtn", SignRound(iters=2)], ids=["gptq", "rtn", "signround"])
 def test_walk_frees_each_block_it_replaced(method):
     """By the time the walker releases block i, nothing it keeps (its plan, its results) holds
     block i's replaced nn.Linear layers: a streamed model would otherwise accumulate every

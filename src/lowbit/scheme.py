@@ -435,6 +435,49 @@ class HQQ:
 
 
 @dataclass(frozen=True)
+class SignRound:
+    """SignRound (Cheng et al. 2023; Intel's AutoRound): per block, learn each weight's rounding
+    offset in [-0.5, 0.5] and a clipping factor in [0.5, 1] on each group's min and max by signed
+    gradient descent on the block's output error against its full-precision outputs
+    (``lowbit.methods.signround``).
+
+    ``iters``: optimisation steps per block, one calibration batch (``WalkOptions.batch_size``
+    windows) each; ``lr``: the step size, decaying linearly to 0 (None: ``1 / iters``, AutoRound's
+    default); ``tune_range``: also learn the range factors (else only the rounding); ``seed``: the
+    batch order; ``start``: None tunes from round-to-nearest, a ``GPTQ`` spec from that GPTQ's
+    result on the block (its codes, scales and zero points). Integer schemes with integer zero
+    points.
+    """
+
+    iters: int = 200
+    lr: Optional[float] = None
+    tune_range: bool = True
+    seed: int = 0
+    start: Optional[GPTQ] = None
+    name = "signround"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        _check_range("SignRound", "iters", self.iters, 0, 100_000, integer=True)
+        if self.lr is not None:
+            _check_range("SignRound", "lr", self.lr, 1e-8, 1.0)
+        _check_range("SignRound", "seed", self.seed, 0, 2**63 - 1, integer=True)
+        if not isinstance(self.tune_range, bool):
+            raise SchemeError("SignRound.tune_range must be True or False")
+        if isinstance(self.start, dict):  # from JSON
+            object.__setattr__(self, "start", method_from_dict({"name": "gptq", **self.start}))
+        if self.start is not None and not isinstance(self.start, GPTQ):
+            raise SchemeError(f"SignRound.start must be None (round to nearest) or a GPTQ spec, got {self.start!r}")
+        if self.start is not None and self.start.fp_targets:
+            raise SchemeError("SignRound.start: GPTQ(fp_targets=True) is not supported as a start; use fp_targets=False")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+@dataclass(frozen=True)
 class SmoothQuant:
     """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights with
     s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the preceding operation.
@@ -466,11 +509,11 @@ class LLMInt8:
         _check_range("LLMInt8", "threshold", self.threshold, 1e-6, 1e6)
 
 
-METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SmoothQuant, LLMInt8)}
+METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SignRound, SmoothQuant, LLMInt8)}
 METHODS = tuple(METHOD_SPECS)
-MethodSpec = "RTN | GPTQ | AWQ | HQQ | SmoothQuant | LLMInt8"
+MethodSpec = "RTN | GPTQ | AWQ | HQQ | SignRound | SmoothQuant | LLMInt8"
 # methods whose numerics assume integer codes (the other formats take RTN or llm_int8)
-INTEGER_ONLY_METHODS = ("gptq", "awq", "hqq", "smoothquant")
+INTEGER_ONLY_METHODS = ("gptq", "awq", "hqq", "signround", "smoothquant")
 
 
 def method_to_dict(spec) -> dict[str, Any]:
@@ -507,7 +550,7 @@ def parse_method(method) -> tuple:
         steps = list(method)
         for s in steps:
             if not isinstance(s, tuple(METHOD_SPECS.values())):
-                raise SchemeError(f"method steps must be RTN/GPTQ/AWQ/HQQ/SmoothQuant/LLMInt8 objects, got {type(s).__name__}")
+                raise SchemeError(f"method steps must be RTN/GPTQ/AWQ/HQQ/SignRound/SmoothQuant/LLMInt8 objects, got {type(s).__name__}")
     else:
         raise SchemeError(f"method must be a name or a method spec, got {type(method).__name__}")
     if not steps:
@@ -518,7 +561,7 @@ def parse_method(method) -> tuple:
     if len(roundings) != 1:
         raise SchemeError(
             f"method {'+'.join(s.name for s in steps)!r} has {len(roundings)} rounding steps; "
-            "use transforms (awq, smoothquant) followed by one of rtn, gptq, hqq, llm_int8"
+            "use transforms (awq, smoothquant) followed by one of rtn, gptq, hqq, signround, llm_int8"
         )
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
@@ -565,6 +608,11 @@ class Recipe:
                 raise SchemeError(
                     f"rule {r.pattern!r}: method {'+'.join(integer_only)} works on integer formats, not "
                     f"{r.scheme.format!r}; quantize {r.scheme.format} layers with method 'rtn'"
+                )
+            if self.method[-1].name == "signround" and r.scheme.zero_point == "float":
+                raise SchemeError(
+                    f"rule {r.pattern!r}: method signround tunes integer zero points; use zero_point='int' "
+                    "(or a symmetric scheme) for this rule"
                 )
             if self.method[-1].name == "llm_int8" and r.scheme.activations != "int8":
                 raise SchemeError(

@@ -2,7 +2,8 @@
 
 Rounding methods return a ``QuantizedTensor``: ``rtn(w, scheme)``,
 ``hqq(w, scheme, spec)``, ``gptq(w, scheme, hessian, spec)``,
-``llm_int8(w, scheme, act_absmax, spec)``. Transforms
+``llm_int8(w, scheme, act_absmax, spec)``. ``signround`` tunes a whole block at once
+(``signround.tune`` with a loss function the walker supplies). Transforms
 (``awq``, ``smoothquant``) compute per-input-channel scales that the model
 walker folds into the preceding operation before the rounding step.
 """
@@ -15,7 +16,7 @@ import torch
 
 from lowbit.errors import CalibrationError
 from lowbit.methods.rtn import rtn
-from lowbit.scheme import GPTQ, HQQ, RTN, LLMInt8, QuantScheme
+from lowbit.scheme import GPTQ, HQQ, RTN, LLMInt8, QuantScheme, SignRound
 from lowbit.tensor import QuantizedTensor
 
 __all__ = ["round_weight", "rtn"]
@@ -44,7 +45,13 @@ def round_weight(
         from lowbit.methods.llm_int8 import llm_int8
 
         return llm_int8(weight, scheme, _needed(act_absmax, "llm_int8", "activation statistics"), spec)
-    raise CalibrationError(f"{type(spec).__name__} is not a rounding method (use rtn, hqq, gptq or llm_int8)")
+    if isinstance(spec, SignRound):
+        raise CalibrationError(
+            "signround tunes a whole block against its outputs, not one weight: quantize through "
+            "lowbit.quantize(model, recipe, calibration=...), or call lowbit.methods.signround.tune "
+            "with your own loss function"
+        )
+    raise CalibrationError(f"{type(spec).__name__} is not a rounding method (use rtn, hqq, gptq, signround or llm_int8)")
 
 
 def _needed(statistic, method: str, what: str):

@@ -11,7 +11,9 @@
    (``propagate="quantized"``, the GPTQ reference) or the full-precision one
    (``propagate="full_precision"``, computed before anything changes). ``GPTQ(fp_targets=True)``
    also keeps a full-precision stream of block inputs and a full-precision copy of the block,
-   so that each linear is fitted to its full-precision outputs (GPTAQ).
+   so that each linear is fitted to its full-precision outputs (GPTAQ). ``SignRound`` instead
+   tunes all of the block's linears at once against the block's full-precision outputs on the
+   same inputs, differentiating through the block (``torch.func.functional_call``).
 3. Swap the block's linears for QuantLinear; a ``BlockSource`` may then drop the block's
    full-precision tensors (see ``lowbit.model.streaming``).
 
@@ -39,6 +41,7 @@ from lowbit.calibration.stats import ChannelStats, CrossAccumulator, HessianAccu
 from lowbit.errors import CalibrationError, DataError
 from lowbit.methods import round_weight
 from lowbit.methods import awq as awq_m
+from lowbit.methods import signround as signround_m
 from lowbit.methods.gptq import fp_target_weight, prepare_hessian
 from lowbit.methods.smoothquant import smoothquant_scales
 from lowbit.model.adapters import InputGroup, ModelAdapter, find_blocks, trace_block
@@ -52,7 +55,7 @@ from lowbit.model.swap import (
     start_report,
     weight_as_linear,
 )
-from lowbit.scheme import AWQ, GPTQ, OFFLOAD, PROPAGATE, RTN, LLMInt8, Recipe, SmoothQuant
+from lowbit.scheme import AWQ, GPTQ, OFFLOAD, PROPAGATE, RTN, LLMInt8, Recipe, SignRound, SmoothQuant
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ class BlockWalker:
                         self._awq(block, structure, layers, inputs, spec, f"{prefix}.{i}")
                     elif isinstance(spec, SmoothQuant):
                         self._smooth(block, structure, layers, inputs, spec, f"{prefix}.{i}")
-                results = self._round(block, structure, layers, inputs, fp_pair)
+                results = self._round(block, structure, layers, inputs, fp_pair, f"{prefix}.{i}")
                 outputs = fp_out if fp_out is not None else self._pass(block, inputs, keep=True)
                 inputs.hidden.close()
                 inputs = _Inputs(outputs, inputs.extras)
@@ -502,7 +505,50 @@ class BlockWalker:
                 except _Stop:
                     pass
 
-    def _round(self, block, structure, layers, inputs, fp_pair=None) -> dict[str, tuple]:
+    def _signround(self, block, groups, layers, inputs, spec: SignRound, block_name: str) -> dict[str, tuple]:
+        """Tune the block's planned linears jointly against the block's full-precision outputs on
+        the same inputs (``lowbit.methods.signround``), one calibration batch per step."""
+        rels = [rel for g in groups for rel in g.linears if rel in layers and layers[rel].scheme is not None]
+        if not rels:
+            return {}
+        mods = {rel: block.get_submodule(rel) for rel in rels}
+        weights = {rel: get_weight(m) for rel, m in mods.items()}
+        schemes = {rel: layers[rel].scheme for rel in rels}
+        for rel in rels:
+            signround_m.check_scheme(schemes[rel], layers[rel].name)
+        targets = self._pass(block, inputs, keep=True)
+
+        def loss_fn(dq: dict[str, torch.Tensor], b: int) -> torch.Tensor:
+            overrides = {f"{rel}.weight": _stored_form(mods[rel], w) for rel, w in dq.items()}
+            args, kwargs = inputs.extras[b]
+            y = _block_out(torch.func.functional_call(block, overrides, (inputs.hidden[b], *args), kwargs))
+            return torch.nn.functional.mse_loss(y.float(), targets[b].float())
+
+        try:
+            starts = None
+            if spec.start is not None:
+                # GPTQ's result as the start; it leaves the modules holding GPTQ's weights, which
+                # does not matter: the loss overrides every planned weight
+                found_gptq = self._gptq(block, groups, layers, inputs, spec.start)
+                starts = {rel: signround_m.start_from(weights[rel], qt) for rel, (qt, _) in found_gptq.items()}
+                del found_gptq
+            with _frozen(block):
+                found = signround_m.tune(weights, schemes, loss_fn, len(inputs.hidden), spec, starts)
+        finally:
+            targets.close()
+        losses = ", ".join(f"{k} {v / len(inputs.hidden):.4g}" for k, v in found.losses.items())
+        start = "gptq" if spec.start is not None else "rtn"
+        self.report.notes.append(
+            f"{block_name}: signround from {start} kept the {found.chosen!r} parameters (block output MSE: {losses})"
+        )
+        results = {}
+        for rel in rels:
+            qt = signround_m.finalize(weights[rel], found.params[rel], schemes[rel], found.starts[rel])
+            set_weight(mods[rel], qt.dequantize())
+            results[rel] = (qt, weights[rel])
+        return results
+
+    def _round(self, block, structure, layers, inputs, fp_pair=None, block_name: str = "block") -> dict[str, tuple]:
         """Round the block's planned linears; ``fp_pair`` = (full-precision block copy, its input
         stream, its outputs) makes GPTQ fit the full-precision outputs (``GPTQ.fp_targets``)."""
         rounding = self.recipe.rounding
@@ -518,6 +564,8 @@ class BlockWalker:
                         qt = round_weight(w, layers[rel].scheme, rounding, act_absmax=stats[g].abs_max)
                         results[rel] = (qt, w)
             return results
+        if isinstance(rounding, SignRound):
+            return self._signround(block, groups, layers, inputs, rounding, block_name)
         if not isinstance(rounding, GPTQ):
             for g in groups:
                 for rel in g.linears:
@@ -525,6 +573,12 @@ class BlockWalker:
                         w = get_weight(block.get_submodule(rel))
                         results[rel] = (round_weight(w, layers[rel].scheme, rounding), w)
             return results
+        return self._gptq(block, groups, layers, inputs, rounding, fp_pair)
+
+    def _gptq(self, block, groups, layers, inputs, rounding: GPTQ, fp_pair=None) -> dict[str, tuple]:
+        """GPTQ on the block's planned linears, stage by stage; each linear's module is left
+        holding its dequantized result."""
+        results: dict[str, tuple] = {}
         stages = [[g] for g in groups] if rounding.true_sequential else [groups]
         # the fp targets are computed here; the rounding itself is plain GPTQ on them
         per_layer = dataclasses.replace(rounding, fp_targets=False)
@@ -559,6 +613,24 @@ class BlockWalker:
                     del crosses[g]
                 del h
         return results
+
+
+def _stored_form(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w [out, in]`` as the module stores its weight (transposed for GPT-2's Conv1D), in its dtype."""
+    return (w if isinstance(mod, nn.Linear) else w.t()).to(mod.weight.dtype)
+
+
+@contextmanager
+def _frozen(block: nn.Module):
+    """The block's own parameters take no gradient while SignRound differentiates through it."""
+    saved = [(p, p.requires_grad) for p in block.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
 
 
 def _copy_inputs(inputs: _Inputs, options: WalkOptions) -> _Inputs:

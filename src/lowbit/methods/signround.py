@@ -1,0 +1,262 @@
+"""SignRound (Cheng et al. 2023, the method of Intel's AutoRound): learn, for a whole block at
+once, how each weight rounds and how far each group's range is clipped, by signed gradient
+descent on the block's output error.
+
+For a linear with weight ``W`` ``[N, K]`` and an integer scheme, tuning starts from a
+``Start``: round-to-nearest (AutoRound's start), or another method's result such as GPTQ's
+(``start_from``), given by its scales, zero points and each code's integer ``shift`` from
+round-to-nearest. The tunables are
+
+* ``v``: float32 ``[N, K]``, the rounding offset,
+  ``codes = clamp(round(W / s + shift + v) + z, 0, qmax)``, kept in ``[-0.5, 0.5]``, so a code
+  moves at most one step from its start (towards the side where ``W / s`` lies);
+* ``lo``, ``hi``: float32 ``[rows, G]`` (the scheme's scale shape), factors in ``[0.5, 1]`` on
+  the start grid's span below and above zero, from which the scale and zero point follow
+  (``hi`` alone when symmetric).
+
+``v = 0``, ``lo = hi = 1`` is the start exactly (from RTN: round-to-nearest bit for bit). The
+quantize-dequantize function (``qdq``) passes gradients straight through the roundings (and
+the cast of the scale to the scale dtype); its forward value is exactly what ``finalize``
+stores, so a tuned block runs after saving as it ran during tuning (a test pins the two).
+
+``tune`` is the optimisation loop: ``iters`` steps of ``p -= lr * sign(grad)`` with the
+learning rate decaying linearly to 0 (``lr = 1 / iters`` by default, as in AutoRound, so the
+offsets could drift by at most 0.5 even unclamped), one calibration batch per step in a
+seeded random order. The caller supplies ``loss_fn(dequantized weights, batch) -> loss``
+(the walker runs the block with those weights and compares with the full-precision
+outputs). At the end three candidates are scored on every batch: the start, the last step
+and the step with the lowest loss; the lowest total wins, so tuning never returns a block
+worse than its start on the calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lowbit import formats
+from lowbit.errors import SchemeError
+from lowbit.scheme import QuantScheme, SignRound
+from lowbit.tensor import QuantizedTensor
+
+FACTOR_MIN = 0.5  # the lowest range factor (AutoRound's lr schedule reaches the same bound)
+
+
+@dataclass
+class Tunables:
+    """One linear's tuned parameters (see the module docstring for shapes)."""
+
+    v: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.v, self.lo, self.hi]
+
+    def copy(self) -> "Tunables":
+        return Tunables(self.v.detach().clone(), self.lo.detach().clone(), self.hi.detach().clone())
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """``params`` per layer name, relative to ``starts``; ``losses``: the calibration-set loss of
+    each candidate (``"start"``, ``"last"``, ``"best_step"``); ``chosen``: the candidate kept."""
+
+    params: dict[str, Tunables]
+    losses: dict[str, float]
+    chosen: str
+    starts: dict[str, Start]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where one linear's tuning starts (``[rows, G]`` = the scheme's scale shape):
+
+    * ``scale``: float32 ``[rows, G]``, the start's scales (values of the scale dtype);
+    * ``zero``: float32 ``[rows, G]``, its zero points (the fixed ``zero_code`` when symmetric);
+    * ``shift``: float32 ``[N, K]``, how many steps each start code lies from round-to-nearest
+      at the start's scale and zero point (0 everywhere for RTN; an integer, or a quarter step
+      off one for a weight exactly halfway between two levels).
+
+    The range factors multiply the grid's span below and above zero,
+    ``[-lo * zero * scale, hi * (qmax - zero) * scale]`` (symmetric: the scale times ``hi``), so
+    factors 1 give the start's scale and zero point exactly.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    shift: torch.Tensor
+
+
+def check_scheme(scheme: QuantScheme, name: str = "<layer>") -> None:
+    """SignRound tunes integer grids with integer zero points (or symmetric ones)."""
+    if scheme.format != "int" or scheme.zero_point == "float":
+        raise SchemeError(
+            f"layer {name!r}: signround tunes integer codes with integer zero points, not "
+            f"format={scheme.format!r} zero_point={scheme.zero_point!r}; use an integer scheme with "
+            "zero_point='int' (or method 'rtn' for this layer)"
+        )
+
+
+def rtn_start(weight: torch.Tensor, scheme: QuantScheme) -> Start:
+    """Round-to-nearest as the start (AutoRound's)."""
+    check_scheme(scheme)
+    return start_from(weight, QuantizedTensor.quantize(weight, scheme))
+
+
+@torch.no_grad()
+def start_from(weight: torch.Tensor, qt: QuantizedTensor) -> Start:
+    """Another method's result ``qt`` of ``weight`` (e.g. GPTQ's) as the start: its scales and zero
+    points, and each code's distance from round-to-nearest at those (GPTQ moves some weights
+    by more than one step)."""
+    scheme = qt.scheme
+    check_scheme(scheme)
+    qp = qt.qparams
+    scale = qp.scale.float()
+    zero = torch.full_like(scale, float(scheme.zero_code)) if scheme.symmetric else qp.zero.float()
+    g = formats.grouped(weight.detach().float(), scheme)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = formats.grouped(qt.codes().float(), scheme)
+    shift = codes - (torch.round(g / s) + z).clamp(0, scheme.qmax)
+    # a weight exactly halfway between two levels rounds to the even one whatever the shift:
+    # move such shifts a quarter step towards the start's code, so that rounding reproduces it
+    again = (torch.round(g / s + shift) + z).clamp(0, scheme.qmax)
+    shift = shift + 0.25 * (codes - again)
+    return Start(scale, zero, shift.reshape(weight.shape))
+
+
+def init_tunables(weight: torch.Tensor, scheme: QuantScheme) -> Tunables:
+    """No change from the start: offsets 0, range factors 1."""
+    check_scheme(scheme)
+    rows_groups = formats.grouped(weight, scheme).shape[:2]
+    return Tunables(
+        v=torch.zeros_like(weight, dtype=torch.float32),
+        lo=torch.ones(rows_groups, dtype=torch.float32, device=weight.device),
+        hi=torch.ones(rows_groups, dtype=torch.float32, device=weight.device),
+    )
+
+
+def _straight(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the gradient of ``x`` in the backward pass (exactly
+    ``value``: ``x - x.detach()`` is an exact zero)."""
+    return value.detach() + (x - x.detach())
+
+
+def _scale_zero(start: Start, p: Tunables, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[rows, G]`` (float32) for the start's grid with its span below and
+    above zero scaled by the factors; the scale is cast to the scale dtype (as ``formats`` does
+    before choosing codes); factors 1 give the start's values exactly."""
+    qmax = scheme.qmax
+    if scheme.symmetric:
+        scale = start.scale * p.hi
+    else:
+        scale = start.scale * ((p.hi * (qmax - start.zero) + p.lo * start.zero) / qmax)
+    sdtype = formats.scale_torch_dtype(scheme)
+    cast = scale.detach().to(sdtype).float()
+    tiny = torch.finfo(sdtype).tiny
+    cast = torch.where(cast < tiny, torch.full_like(cast, tiny), cast)  # never 0: codes divide by it
+    scale = _straight(cast, scale)
+    if scheme.symmetric:
+        return scale, start.zero
+    z = p.lo * start.zero * start.scale / scale
+    return scale, _straight(torch.round(z).clamp(0, qmax), z)
+
+
+def qdq(weight: torch.Tensor, p: Tunables, scheme: QuantScheme, start: Optional[Start] = None) -> torch.Tensor:
+    """The dequantized weight ``[N, K]`` float32 for the tunables, differentiable in ``p``
+    (straight through the roundings); ``weight`` is a constant; ``start`` defaults to RTN."""
+    start = start or rtn_start(weight, scheme)
+    g = formats.grouped(weight.detach().float(), scheme)
+    scale, zero = _scale_zero(start, p, scheme)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    x = g / s + formats.grouped(start.shift + p.v, scheme)
+    q = (_straight(torch.round(x), x) + z).clamp(0, scheme.qmax)
+    return ((q - z) * s).reshape(weight.shape)
+
+
+@torch.no_grad()
+def finalize(weight: torch.Tensor, p: Tunables, scheme: QuantScheme, start: Optional[Start] = None) -> QuantizedTensor:
+    """The stored form of the tuned weight: ``dequantize()`` equals ``qdq(weight, p, scheme, start)``
+    exactly."""
+    check_scheme(scheme)
+    start = start or rtn_start(weight, scheme)
+    g = formats.grouped(weight.detach().float(), scheme)
+    scale, zero = _scale_zero(start, p, scheme)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = (torch.round(g / s + formats.grouped(start.shift + p.v, scheme)) + z).clamp(0, scheme.qmax)
+    qp = formats.QParams(
+        scale=scale.to(formats.scale_torch_dtype(scheme)),
+        zero=None if scheme.symmetric else zero.to(torch.uint8),
+    )
+    return QuantizedTensor.from_codes(codes.to(torch.uint8).reshape(weight.shape), qp, scheme)
+
+
+def _clamp_(p: Tunables) -> None:
+    p.v.clamp_(-0.5, 0.5)
+    p.lo.clamp_(FACTOR_MIN, 1.0)
+    p.hi.clamp_(FACTOR_MIN, 1.0)
+
+
+LossFn = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
+
+
+def _total_loss(weights, schemes, starts, params, loss_fn: LossFn, n_batches: int) -> float:
+    with torch.no_grad():
+        dq = {k: qdq(weights[k], params[k], schemes[k], starts[k]) for k in weights}
+        return sum(float(loss_fn(dq, b)) for b in range(n_batches))
+
+
+def tune(
+    weights: dict[str, torch.Tensor],
+    schemes: dict[str, QuantScheme],
+    loss_fn: LossFn,
+    n_batches: int,
+    spec: SignRound = SignRound(),
+    starts: Optional[dict[str, Start]] = None,
+) -> TuneResult:
+    """Tune every layer in ``weights`` (name -> ``[N, K]`` float32) jointly against ``loss_fn``,
+    from ``starts`` (name -> ``Start``; RTN for a name not given).
+
+    ``loss_fn(dq, b)`` must return a scalar tensor differentiable in the dequantized weights
+    ``dq`` (name -> ``[N, K]``) for calibration batch ``b`` in ``range(n_batches)``."""
+    if n_batches < 1:
+        raise ValueError("signround needs at least one calibration batch")
+    for name, s in schemes.items():
+        check_scheme(s, name)
+    starts = {k: (starts or {}).get(k) or rtn_start(w, schemes[k]) for k, w in weights.items()}
+    params = {k: init_tunables(w, schemes[k]) for k, w in weights.items()}
+    start = {k: p.copy() for k, p in params.items()}
+    lr0 = spec.learning_rate
+    gen = torch.Generator().manual_seed(spec.seed)
+    order: list[int] = []
+    best_loss, best = float("inf"), start
+    for step in range(spec.iters):
+        if not order:
+            order = torch.randperm(n_batches, generator=gen).tolist()
+        batch = order.pop()
+        tensors = [t.requires_grad_(True) for p in params.values() for t in _trainable(p, spec)]
+        with torch.enable_grad():
+            dq = {k: qdq(weights[k], params[k], schemes[k], starts[k]) for k in weights}
+            loss = loss_fn(dq, batch)
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        value = float(loss.detach())
+        if value < best_loss:  # the parameters that produced this loss, before the step
+            best_loss, best = value, {k: p.copy() for k, p in params.items()}
+        lr = lr0 * (1.0 - step / spec.iters)
+        with torch.no_grad():
+            for t, gr in zip(tensors, grads):
+                t.requires_grad_(False)
+                if gr is not None:
+                    t.sub_(lr * torch.sign(gr))
+            for p in params.values():
+                _clamp_(p)
+    candidates = {"start": start, "last": params, "best_step": best}
+    losses = {name: _total_loss(weights, schemes, starts, c, loss_fn, n_batches) for name, c in candidates.items()}
+    chosen = min(losses, key=lambda name: (losses[name], name != "start"))
+    return TuneResult({k: p.copy() for k, p in candidates[chosen].items()}, losses, chosen, starts)
+
+
+def _trainable(p: Tunables, spec: SignRound) -> list[torch.Tensor]:
+    return p.tensors() if spec.tune_range else [p.v]
