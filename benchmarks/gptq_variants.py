@@ -1,9 +1,11 @@
-"""GPTQ variants at W4 (or ``--bits 3``) g128 asym on SmolLM2-135M-Instruct, quantized and scored in one process.
+"""GPTQ and SignRound variants at W4 (or ``--bits 3``) g128 asym on SmolLM2-135M-Instruct, quantized
+and scored in one process.
 
 A sweep for the question "what closes the rest of the gap to fp32 at W4": calibration set
 (state_union text or data-free samples, 32 x 512 up to 128 x 2048), dampening, act-order, the
-GPTAQ-style full-precision targets (``GPTQ(fp_targets=True)``) and the least-squares scale
-refinement (``GPTQ(refine_scales=True)``). Every variant is quantized from the same fp32 model
+GPTAQ-style full-precision targets (``GPTQ(fp_targets=True)``), the least-squares scale
+refinement (``GPTQ(refine_scales=True)``) and block-wise SignRound (AutoRound's method, from
+round-to-nearest or from GPTQ's codes). Every variant is quantized from the same fp32 model
 and compared with it on the same WikiText-2 test windows (lowbit's protocol: perplexity, KL,
 top-1), on ``--device`` (a GPU makes the whole sweep take minutes; the numerics are the same
 float32 math, so CPU reruns of a row agree to rounding).
@@ -53,7 +55,8 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
     (``fp_targets``) and/or ``+refine`` (``refine_scales``), or ``sr`` (``SignRound`` from RTN) or
     ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``);
-    calibration: ``textNxL`` (state_union) or ``dfNxL`` (data-free); GPTQ options: ``damp=X``,
+    calibration: ``textNxL`` (state_union), ``dfNxL`` (data-free) or ``wikidiagNxL`` (diagnostic only:
+    WikiText-2 test text after the evaluation windows); GPTQ options: ``damp=X``,
     ``norm=X``, ``shrink=X``, ``grid=N``, ``noact`` (no act-order); SignRound options:
     ``iters=N``, ``lr=X``, ``norange`` (round only, no range factors); any method: ``fpprop``
     (next block sees full-precision outputs).
@@ -62,7 +65,7 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     head = words[0].split("+")
     if head[0] == "rtn" and len(words) == 1 and len(head) == 1:
         return "rtn", None, None, "quantized"
-    if head[0] not in ("gptq", "clip", "sr", "srclip") or len(words) < 2 or not words[1].startswith(("text", "df")):
+    if head[0] not in ("gptq", "clip", "sr", "srclip") or len(words) < 2 or not words[1].startswith(CALIBRATION_PREFIXES):
         raise SystemExit(f"bad variant {name!r}; examples: {EXAMPLES}")
     kind = "signround" if head[0].startswith("sr") else "gptq"
     opts: dict = {} if kind == "signround" else {"clip_search": head[0] == "clip"}
@@ -90,9 +93,13 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     return kind, opts, words[1], propagate
 
 
+CALIBRATION_PREFIXES = ("text", "df", "wikidiag")
+
+
 def _size(key: str) -> tuple[int, int]:
-    """``"text32x512"`` / ``"df128x2048"`` -> (windows, tokens per window)."""
-    n, length = key[4 if key.startswith("text") else 2 :].split("x")
+    """``"text32x512"`` / ``"df128x2048"`` / ``"wikidiag32x512"`` -> (windows, tokens per window)."""
+    prefix = next(p for p in CALIBRATION_PREFIXES if key.startswith(p))
+    n, length = key[len(prefix) :].split("x")
     return int(n), int(length)
 
 
@@ -104,7 +111,15 @@ def cmd_inputs(args) -> None:
     from lowbit.eval.perplexity import make_windows
 
     _, tok = lowbit.load_pretrained("default")
-    saved = {"windows": make_windows(tokenize_once(tok, load_wikitext2_test_text()), args.window_len, args.windows)}
+    test_ids = tokenize_once(tok, load_wikitext2_test_text())
+    saved = {"windows": make_windows(test_ids, args.window_len, args.windows)}
+    for key in args.wiki_diagnostic or []:
+        # DIAGNOSTIC ONLY (in-domain calibration): windows of WikiText-2 test text that lie after
+        # the evaluation windows, at seeded offsets; never a benchmark row of a method
+        n, length = _size(key)
+        tail = test_ids[args.windows * args.window_len :]
+        starts = torch.randint(0, tail.numel() - length, (n,), generator=torch.Generator().manual_seed(0))
+        saved[key] = torch.stack([tail[i : i + length] for i in starts.tolist()])
     for key in args.text:
         n, length = _size(key)
         saved[key] = from_texts(find_data_dir() / "state_union", tok, n_samples=n, seqlen=length, seed=0).ids
@@ -168,8 +183,8 @@ def cmd_run(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        lowbit.quantize(model, recipe, calibration=calib, progress=args.progress,
-                        options=WalkOptions(batch_size=args.batch_size, propagate=propagate))
+        report = lowbit.quantize(model, recipe, calibration=calib, progress=args.progress,
+                                 options=WalkOptions(batch_size=args.batch_size, propagate=propagate))
         if device.type == "cuda":
             torch.cuda.synchronize()
         q_s = time.perf_counter() - t
@@ -178,10 +193,11 @@ def cmd_run(args) -> None:
         delta = r.candidate_ppl - r.reference_ppl
         if name == "rtn":
             rtn_delta = delta
-        row = {"variant": name, "bits": args.bits, kind: opts, "batch_size": args.batch_size, "calibration": key, "propagate": propagate, "ppl": r.candidate_ppl, "fp32_ppl": r.reference_ppl,
+        row = {"variant": name, "bits": args.bits, "signround" if kind == "signround" else "gptq": opts, "batch_size": args.batch_size, "calibration": key, "propagate": propagate, "ppl": r.candidate_ppl, "fp32_ppl": r.reference_ppl,
                "delta": delta, "share_of_rtn": None if rtn_delta is None else delta / rtn_delta,
                "kl": r.mean_kl, "top1": r.top1_agreement, "quantize_s": q_s, "device": str(device),
-               "windows": list(windows.shape), "date": time.strftime("%Y-%m-%d")}
+               "windows": list(windows.shape), "date": time.strftime("%Y-%m-%d"),
+               "notes": [n for n in report.notes if "signround" in n]}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         share = "-" if row["share_of_rtn"] is None else f"{row['share_of_rtn']:.3f}"
@@ -199,6 +215,9 @@ def main() -> None:
     p.add_argument("--window-len", type=int, default=2048)
     p.add_argument("--text", nargs="*", default=["text32x512", "text128x2048"], help="state_union sets to tokenize")
     p.add_argument("--data-free", nargs="*", help="data-free-NxL.pt files from benchmarks/calibration.py")
+    p.add_argument("--wiki-diagnostic", nargs="*", metavar="wikidiagNxL",
+                   help="diagnostic only: N x L windows of WikiText-2 test text after the evaluation windows "
+                        "(in-domain calibration, to bound what calibration can reach; not a method result)")
     p.set_defaults(fn=cmd_inputs)
     p = sub.add_parser("run")
     p.add_argument("--inputs", required=True)

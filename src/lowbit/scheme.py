@@ -438,8 +438,9 @@ class HQQ:
 class SignRound:
     """SignRound (Cheng et al. 2023; Intel's AutoRound): per block, learn each weight's rounding
     offset in [-0.5, 0.5] and a clipping factor in [0.5, 1] on each group's min and max by signed
-    gradient descent on the block's output error against its full-precision outputs
-    (``lowbit.methods.signround``).
+    gradient descent on the block's output error against the full-precision block's outputs on
+    the same inputs (``lowbit.methods.signround``; AutoRound takes its targets from a separate
+    full-precision stream instead).
 
     ``iters``: optimisation steps per block, one calibration batch (``WalkOptions.batch_size``
     windows) each; ``lr``: the step size, decaying linearly to 0 (None: ``1 / iters``, AutoRound's

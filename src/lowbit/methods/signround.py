@@ -19,10 +19,9 @@ quantize-dequantize function (``qdq``) passes gradients straight through the rou
 the cast of the scale to the scale dtype); its forward value is exactly what ``finalize``
 stores, so a tuned block runs after saving as it ran during tuning (a test pins the two).
 
-``tune`` is the optimisation loop: ``iters`` steps of ``p -= lr * sign(grad)`` with the
-learning rate decaying linearly to 0 (``lr = 1 / iters`` by default, as in AutoRound, so the
-offsets could drift by at most 0.5 even unclamped), one calibration batch per step in a
-seeded random order. The caller supplies ``loss_fn(dequantized weights, batch) -> loss``
+``tune`` is the optimisation loop: ``iters`` steps of ``p -= lr_t * sign(grad)`` with
+``lr_t = lr * (1 - t / iters)`` (``lr = 1 / iters`` by default, as in AutoRound, so that the
+steps add up to about 0.5), one calibration batch per step in a seeded random order. The caller supplies ``loss_fn(dequantized weights, batch) -> loss``
 (the walker runs the block with those weights and compares with the full-precision
 outputs). At the end three candidates are scored on every batch: the start, the last step
 and the step with the lowest loss; the lowest total wins, so tuning never returns a block
@@ -37,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from lowbit import formats
-from lowbit.errors import SchemeError
+from lowbit.errors import CalibrationError, SchemeError
 from lowbit.scheme import QuantScheme, SignRound
 from lowbit.tensor import QuantizedTensor
 
@@ -77,8 +76,9 @@ class Start:
     * ``scale``: float32 ``[rows, G]``, the start's scales (values of the scale dtype);
     * ``zero``: float32 ``[rows, G]``, its zero points (the fixed ``zero_code`` when symmetric);
     * ``shift``: float32 ``[N, K]``, how many steps each start code lies from round-to-nearest
-      at the start's scale and zero point (0 everywhere for RTN; an integer, or a quarter step
-      off one for a weight exactly halfway between two levels).
+      (unclamped) at the start's scale and zero point: 0 everywhere for RTN; otherwise an
+      integer, moved a quarter step where rounding alone would not give the start's code
+      (a weight exactly halfway between two levels).
 
     The range factors multiply the grid's span below and above zero,
     ``[-lo * zero * scale, hi * (qmax - zero) * scale]`` (symmetric: the scale times ``hi``), so
@@ -101,9 +101,12 @@ def check_scheme(scheme: QuantScheme, name: str = "<layer>") -> None:
 
 
 def rtn_start(weight: torch.Tensor, scheme: QuantScheme) -> Start:
-    """Round-to-nearest as the start (AutoRound's)."""
+    """Round-to-nearest as the start (AutoRound's): RTN's scales and zero points, no shifts."""
     check_scheme(scheme)
-    return start_from(weight, QuantizedTensor.quantize(weight, scheme))
+    qp = QuantizedTensor.quantize(weight, scheme).qparams
+    scale = qp.scale.float()
+    zero = torch.full_like(scale, float(scheme.zero_code)) if scheme.symmetric else qp.zero.float()
+    return Start(scale, zero, torch.zeros_like(weight, dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -113,15 +116,18 @@ def start_from(weight: torch.Tensor, qt: QuantizedTensor) -> Start:
     by more than one step)."""
     scheme = qt.scheme
     check_scheme(scheme)
+    if tuple(qt.shape) != tuple(weight.shape):
+        raise SchemeError(f"start_from: the result's shape {tuple(qt.shape)} is not the weight's {tuple(weight.shape)}")
     qp = qt.qparams
     scale = qp.scale.float()
     zero = torch.full_like(scale, float(scheme.zero_code)) if scheme.symmetric else qp.zero.float()
     g = formats.grouped(weight.detach().float(), scheme)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     codes = formats.grouped(qt.codes().float(), scheme)
-    shift = codes - (torch.round(g / s) + z).clamp(0, scheme.qmax)
-    # a weight exactly halfway between two levels rounds to the even one whatever the shift:
-    # move such shifts a quarter step towards the start's code, so that rounding reproduces it
+    # unclamped: a weight far outside a clipped range may sit on an inner code (GPTQ's clipping)
+    shift = codes - (torch.round(g / s) + z)
+    # round(x + k) is not round(x) + k for x exactly halfway between two levels (half to even),
+    # nor always after the float addition: there, move the shift a quarter step towards the code
     again = (torch.round(g / s + shift) + z).clamp(0, scheme.qmax)
     shift = shift + 0.25 * (codes - again)
     return Start(scale, zero, shift.reshape(weight.shape))
@@ -215,6 +221,7 @@ def tune(
     n_batches: int,
     spec: SignRound = SignRound(),
     starts: Optional[dict[str, Start]] = None,
+    name: str = "the block",
 ) -> TuneResult:
     """Tune every layer in ``weights`` (name -> ``[N, K]`` float32) jointly against ``loss_fn``,
     from ``starts`` (name -> ``Start``; RTN for a name not given).
@@ -223,9 +230,19 @@ def tune(
     ``dq`` (name -> ``[N, K]``) for calibration batch ``b`` in ``range(n_batches)``."""
     if n_batches < 1:
         raise ValueError("signround needs at least one calibration batch")
-    for name, s in schemes.items():
-        check_scheme(s, name)
+    for layer, sch in schemes.items():
+        check_scheme(sch, layer)
+    unknown = set(starts or {}) - set(weights)
+    if unknown or set(schemes) != set(weights):
+        raise SchemeError(
+            f"signround on {name}: weights, schemes and starts must name the same layers "
+            f"(starts for unknown layers {sorted(unknown)}, schemes {sorted(schemes)}, weights {sorted(weights)})"
+        )
     starts = {k: (starts or {}).get(k) or rtn_start(w, schemes[k]) for k, w in weights.items()}
+    for k, st in starts.items():
+        if st.shift.shape != weights[k].shape:
+            raise SchemeError(f"signround on {name}: the start of {k!r} has shape {tuple(st.shift.shape)}, "
+                              f"the weight {tuple(weights[k].shape)}")
     params = {k: init_tunables(w, schemes[k]) for k, w in weights.items()}
     start = {k: p.copy() for k, p in params.items()}
     lr0 = spec.learning_rate
@@ -240,7 +257,12 @@ def tune(
         with torch.enable_grad():
             dq = {k: qdq(weights[k], params[k], schemes[k], starts[k]) for k in weights}
             loss = loss_fn(dq, batch)
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True) if loss.requires_grad else [None] * len(tensors)
+        if step == 0 and all(gr is None for gr in grads):
+            raise CalibrationError(
+                f"signround on {name}: the loss does not depend on the tuned weights (no gradient reached "
+                "them); the loss function must run the block with the dequantized weights it is given"
+            )
         value = float(loss.detach())
         if value < best_loss:  # the parameters that produced this loss, before the step
             best_loss, best = value, {k: p.copy() for k, p in params.items()}
@@ -252,9 +274,10 @@ def tune(
                     t.sub_(lr * torch.sign(gr))
             for p in params.values():
                 _clamp_(p)
+        del dq, loss, grads, tensors  # free this step's graph before the next forward pass
     candidates = {"start": start, "last": params, "best_step": best}
-    losses = {name: _total_loss(weights, schemes, starts, c, loss_fn, n_batches) for name, c in candidates.items()}
-    chosen = min(losses, key=lambda name: (losses[name], name != "start"))
+    losses = {cand: _total_loss(weights, schemes, starts, c, loss_fn, n_batches) for cand, c in candidates.items()}
+    chosen = min(losses, key=lambda cand: (losses[cand], cand != "start"))
     return TuneResult({k: p.copy() for k, p in candidates[chosen].items()}, losses, chosen, starts)
 
 

@@ -275,6 +275,14 @@ class BlockWalker:
     # -- the walk -------------------------------------------------------------------------
     @torch.no_grad()
     def run(self) -> QuantizationReport:
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the statistics or in SignRound's objective
+        try:
+            return self._run()
+        finally:
+            self.model.train(was_training)
+
+    def _run(self) -> QuantizationReport:
         inputs = capture_block_inputs(self.model, self.blocks, self.calibration, self.options)
         structure = self.adapter.structure
         prefix = self.adapter.blocks
@@ -298,19 +306,25 @@ class BlockWalker:
                     for rel in structure.linears
                     if f"{prefix}.{i}.{rel}" in self.plan
                 }
-                fp_out = self._pass(block, inputs, keep=True) if self.options.propagate == "full_precision" else None
-                # GPTAQ: the block as it is now, and its outputs on the full-precision stream
-                fp_pair = None
-                if fp_inputs is not None:
-                    fp_block = copy.deepcopy(block)
-                    fp_pair = (fp_block, fp_inputs, self._pass(fp_block, fp_inputs, keep=True))
-                for spec in self.recipe.transforms:
-                    if isinstance(spec, AWQ):
-                        self._awq(block, structure, layers, inputs, spec, f"{prefix}.{i}")
-                    elif isinstance(spec, SmoothQuant):
-                        self._smooth(block, structure, layers, inputs, spec, f"{prefix}.{i}")
-                results = self._round(block, structure, layers, inputs, fp_pair, f"{prefix}.{i}")
-                outputs = fp_out if fp_out is not None else self._pass(block, inputs, keep=True)
+                fp_out, fp_pair = None, None
+                try:
+                    fp_out = self._pass(block, inputs, keep=True) if self.options.propagate == "full_precision" else None
+                    # GPTAQ: the block as it is now, and its outputs on the full-precision stream
+                    if fp_inputs is not None:
+                        fp_block = copy.deepcopy(block)
+                        fp_pair = (fp_block, fp_inputs, self._pass(fp_block, fp_inputs, keep=True))
+                    for spec in self.recipe.transforms:
+                        if isinstance(spec, AWQ):
+                            self._awq(block, structure, layers, inputs, spec, f"{prefix}.{i}")
+                        elif isinstance(spec, SmoothQuant):
+                            self._smooth(block, structure, layers, inputs, spec, f"{prefix}.{i}")
+                    results = self._round(block, structure, layers, inputs, fp_pair, f"{prefix}.{i}", fp_out)
+                    outputs = fp_out if fp_out is not None else self._pass(block, inputs, keep=True)
+                except BaseException:  # this block's own spills; the streams are closed below
+                    for store in (fp_out, None if fp_pair is None else fp_pair[2]):
+                        if store is not None:
+                            store.close()
+                    raise
                 inputs.hidden.close()
                 inputs = _Inputs(outputs, inputs.extras)
                 if fp_pair is not None:
@@ -505,9 +519,14 @@ class BlockWalker:
                 except _Stop:
                     pass
 
-    def _signround(self, block, groups, layers, inputs, spec: SignRound, block_name: str) -> dict[str, tuple]:
+    def _signround(self, block, groups, layers, inputs, spec: SignRound, block_name: str, fp_out=None) -> dict[str, tuple]:
         """Tune the block's planned linears jointly against the block's full-precision outputs on
-        the same inputs (``lowbit.methods.signround``), one calibration batch per step."""
+        the same inputs (``lowbit.methods.signround``), one calibration batch per step.
+        ``fp_out``: those outputs when the walker already has them (``propagate="full_precision"``).
+
+        AutoRound instead takes its targets from a second, full-precision stream of block inputs,
+        so that a block also makes up for the error of the blocks before it; lowbit's targets are
+        the local ones (as GPTQ's)."""
         rels = [rel for g in groups for rel in g.linears if rel in layers and layers[rel].scheme is not None]
         if not rels:
             return {}
@@ -516,7 +535,8 @@ class BlockWalker:
         schemes = {rel: layers[rel].scheme for rel in rels}
         for rel in rels:
             signround_m.check_scheme(schemes[rel], layers[rel].name)
-        targets = self._pass(block, inputs, keep=True)
+        own_targets = fp_out is None
+        targets = None
 
         def loss_fn(dq: dict[str, torch.Tensor], b: int) -> torch.Tensor:
             overrides = {f"{rel}.weight": _stored_form(mods[rel], w) for rel, w in dq.items()}
@@ -525,6 +545,7 @@ class BlockWalker:
             return torch.nn.functional.mse_loss(y.float(), targets[b].float())
 
         try:
+            targets = self._pass(block, inputs, keep=True) if own_targets else fp_out
             starts = None
             if spec.start is not None:
                 # GPTQ's result as the start; it leaves the modules holding GPTQ's weights, which
@@ -533,9 +554,10 @@ class BlockWalker:
                 starts = {rel: signround_m.start_from(weights[rel], qt) for rel, (qt, _) in found_gptq.items()}
                 del found_gptq
             with _frozen(block):
-                found = signround_m.tune(weights, schemes, loss_fn, len(inputs.hidden), spec, starts)
+                found = signround_m.tune(weights, schemes, loss_fn, len(inputs.hidden), spec, starts, block_name)
         finally:
-            targets.close()
+            if own_targets and targets is not None:
+                targets.close()
         losses = ", ".join(f"{k} {v / len(inputs.hidden):.4g}" for k, v in found.losses.items())
         start = "gptq" if spec.start is not None else "rtn"
         self.report.notes.append(
@@ -548,7 +570,7 @@ class BlockWalker:
             results[rel] = (qt, weights[rel])
         return results
 
-    def _round(self, block, structure, layers, inputs, fp_pair=None, block_name: str = "block") -> dict[str, tuple]:
+    def _round(self, block, structure, layers, inputs, fp_pair=None, block_name: str = "block", fp_out=None) -> dict[str, tuple]:
         """Round the block's planned linears; ``fp_pair`` = (full-precision block copy, its input
         stream, its outputs) makes GPTQ fit the full-precision outputs (``GPTQ.fp_targets``)."""
         rounding = self.recipe.rounding
@@ -565,7 +587,7 @@ class BlockWalker:
                         results[rel] = (qt, w)
             return results
         if isinstance(rounding, SignRound):
-            return self._signround(block, groups, layers, inputs, rounding, block_name)
+            return self._signround(block, groups, layers, inputs, rounding, block_name, fp_out)
         if not isinstance(rounding, GPTQ):
             for g in groups:
                 for rel in g.linears:
