@@ -54,7 +54,7 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
 
     method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
     (``fp_targets``) and/or ``+refine`` (``refine_scales``), or ``sr`` (``SignRound`` from RTN) or
-    ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``);
+    ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``), either with ``+fpt`` (``fp_targets``);
     calibration: ``textNxL`` (state_union), ``dfNxL`` (data-free) or ``wikidiagNxL`` (diagnostic only:
     WikiText-2 test text after the evaluation windows); GPTQ options: ``damp=X``,
     ``norm=X``, ``shrink=X``, ``grid=N``, ``noact`` (no act-order); SignRound options:
@@ -72,7 +72,7 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     if head[0] == "srclip":
         opts["start"] = {"clip_search": True}
     for extra in head[1:]:
-        if kind == "signround" or extra not in ("fpt", "refine"):
+        if extra not in (("fpt",) if kind == "signround" else ("fpt", "refine")):
             raise SystemExit(f"bad method {words[0]!r} in variant {name!r}; examples: {EXAMPLES}")
         opts[{"fpt": "fp_targets", "refine": "refine_scales"}[extra]] = True
     _size(words[1])

@@ -346,3 +346,25 @@ def test_partly_planned_symmetric_block_in_bfloat16():
     assert len(report.layers) == 12
     with torch.no_grad():
         assert bool(torch.isfinite(model(random_ids(1, 8)).logits.float()).all())
+
+
+@pytest.mark.parametrize("offload", ["memory", "disk"])
+def test_fp_targets_use_the_full_precision_stream(tmp_path, offload):
+    """AutoRound's targets: block 0 sees the same inputs in both streams, so its codes match the
+    local objective's; later blocks are fitted to the full-precision model's outputs and differ.
+    Both streams' spills are removed."""
+    data, ref = _calib(8), tiny_llama()
+    opts = WalkOptions(batch_size=3, offload=offload, offload_dir=str(tmp_path))
+    local, fpt, rtn = tiny_llama(), tiny_llama(), tiny_llama()
+    lowbit.quantize(rtn, Recipe.uniform(W3A), progress=False)
+    lowbit.quantize(local, Recipe.uniform(W3A, method=SignRound(iters=10)), calibration=data, options=opts, progress=False)
+    lowbit.quantize(fpt, Recipe.uniform(W3A, method=SignRound(iters=10, fp_targets=True)), calibration=data, options=opts, progress=False)
+    sl, sf = local.state_dict(), fpt.state_dict()
+    for name in sl:
+        if name.startswith("model.layers.0.") and name.endswith("qweight"):
+            assert torch.equal(sl[name], sf[name]), name
+    assert not torch.equal(sl["model.layers.1.mlp.down_proj.qweight"], sf["model.layers.1.mlp.down_proj.qweight"])
+    assert _mse(ref, fpt, data.ids) < _mse(ref, rtn, data.ids)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SchemeError, match="fp_targets"):
+        SignRound(fp_targets=1)

@@ -438,15 +438,18 @@ class HQQ:
 class SignRound:
     """SignRound (Cheng et al. 2023; Intel's AutoRound): per block, learn each weight's rounding
     offset in [-0.5, 0.5] and a clipping factor in [0.5, 1] on each group's min and max by signed
-    gradient descent on the block's output error against the full-precision block's outputs on
-    the same inputs (``lowbit.methods.signround``; AutoRound takes its targets from a separate
-    full-precision stream instead).
+    gradient descent on the block's output error against the full-precision block's outputs
+    (``lowbit.methods.signround``).
 
     ``iters``: optimisation steps per block, one calibration batch (``WalkOptions.batch_size``
     windows) each; ``lr``: the step size, decaying linearly to 0 (None: ``1 / iters``, AutoRound's
     default); ``tune_range``: also learn the range factors (else only the rounding); ``seed``: the
     batch order; ``start``: None tunes from round-to-nearest, a ``GPTQ`` spec from that GPTQ's
-    result on the block (its codes, scales and zero points). Integer schemes with integer zero
+    result on the block (its codes, scales and zero points); ``fp_targets``: the targets are the
+    full-precision model's block outputs (a second, full-precision stream of block inputs, as in
+    AutoRound, so a block also makes up for the error of the blocks before it; the calibration
+    activations held or spilled double), else the full-precision block's outputs on the same
+    inputs the quantized block sees (GPTQ's local objective). Integer schemes with integer zero
     points.
     """
 
@@ -455,6 +458,7 @@ class SignRound:
     tune_range: bool = True
     seed: int = 0
     start: Optional[GPTQ] = None
+    fp_targets: bool = False
     name = "signround"
     kind = "rounding"
     needs_calibration = True
@@ -464,8 +468,9 @@ class SignRound:
         if self.lr is not None:
             _check_range("SignRound", "lr", self.lr, 1e-8, 1.0)
         _check_range("SignRound", "seed", self.seed, 0, 2**63 - 1, integer=True)
-        if not isinstance(self.tune_range, bool):
-            raise SchemeError("SignRound.tune_range must be True or False")
+        for f in ("tune_range", "fp_targets"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"SignRound.{f} must be True or False")
         if isinstance(self.start, dict):  # from JSON
             object.__setattr__(self, "start", method_from_dict({"name": "gptq", **self.start}))
         if self.start is not None and not isinstance(self.start, GPTQ):

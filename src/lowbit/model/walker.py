@@ -288,7 +288,8 @@ class BlockWalker:
         prefix = self.adapter.blocks
         done: set[str] = set()
         rounding = self.recipe.rounding
-        fp_inputs = _copy_inputs(inputs, self.options) if isinstance(rounding, GPTQ) and rounding.fp_targets else None
+        fp_stream = isinstance(rounding, (GPTQ, SignRound)) and rounding.fp_targets
+        fp_inputs = _copy_inputs(inputs, self.options) if fp_stream else None
         try:
             for i, block in enumerate(tqdm(self.blocks, desc=f"quantizing ({self.recipe.method_name})", disable=not self.progress, unit="block")):
                 if self.source is not None:
@@ -310,8 +311,9 @@ class BlockWalker:
                 try:
                     fp_out = self._pass(block, inputs, keep=True) if self.options.propagate == "full_precision" else None
                     # GPTAQ: the block as it is now, and its outputs on the full-precision stream
+                    # (SignRound needs only the outputs: it runs before anything changes the block)
                     if fp_inputs is not None:
-                        fp_block = copy.deepcopy(block)
+                        fp_block = copy.deepcopy(block) if isinstance(rounding, GPTQ) else block
                         fp_pair = (fp_block, fp_inputs, self._pass(fp_block, fp_inputs, keep=True))
                     for spec in self.recipe.transforms:
                         if isinstance(spec, AWQ):
@@ -522,11 +524,10 @@ class BlockWalker:
     def _signround(self, block, groups, layers, inputs, spec: SignRound, block_name: str, fp_out=None) -> dict[str, tuple]:
         """Tune the block's planned linears jointly against the block's full-precision outputs on
         the same inputs (``lowbit.methods.signround``), one calibration batch per step.
-        ``fp_out``: those outputs when the walker already has them (``propagate="full_precision"``).
-
-        AutoRound instead takes its targets from a second, full-precision stream of block inputs,
-        so that a block also makes up for the error of the blocks before it; lowbit's targets are
-        the local ones (as GPTQ's)."""
+        ``fp_out``: the targets when the walker already has them: the same outputs
+        (``propagate="full_precision"``), or, with ``SignRound(fp_targets=True)`` (AutoRound's
+        choice), the full-precision block's outputs on the full-precision stream, so that a block
+        also makes up for the error of the blocks before it."""
         rels = [rel for g in groups for rel in g.linears if rel in layers and layers[rel].scheme is not None]
         if not rels:
             return {}
@@ -587,6 +588,8 @@ class BlockWalker:
                         results[rel] = (qt, w)
             return results
         if isinstance(rounding, SignRound):
+            if rounding.fp_targets:  # AutoRound's targets: the full-precision stream's outputs
+                fp_out = fp_pair[2]
             return self._signround(block, groups, layers, inputs, rounding, block_name, fp_out)
         if not isinstance(rounding, GPTQ):
             for g in groups:
