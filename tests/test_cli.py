@@ -360,3 +360,17 @@ def test_export_command_writes_what_the_importers_read_back(tiny_dir, tiny_ckpt,
 def test_export_of_a_full_precision_source_needs_gguf(tiny_dir, tmp_path, capsys):
     rc, _, err = _run(capsys, ["export", str(tiny_dir), "--to", "gptq", "-o", str(tmp_path / "o"), "--no-progress"])
     assert rc != 0 and "lowbit checkpoint" in err and not (tmp_path / "o").exists()
+
+
+def test_quantize_signround_from_the_cli(tiny_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "sr.safetensors"
+    rc, text, err = _run(capsys, ["quantize", str(tiny_dir), "-o", str(out), "--bits", "3", "--group-size", "64", "--asym",
+                                  "--method", "signround", "--calib", str(calib), "--calib-samples", "2",
+                                  "--calib-seqlen", "16", "--no-progress"])
+    assert rc == 0, err
+    manifest = read_manifest(out)
+    assert manifest["recipe"]["method"] == "signround"
+    assert manifest["recipe"]["method_options"][0]["iters"] == 200
+    assert len(manifest["layers"]) == 14
