@@ -14,7 +14,7 @@ from lowbit.errors import CalibrationError, DataError, UnsupportedModelError
 from lowbit.model.adapters import InputGroup, find_blocks, trace_block
 from lowbit.model.walker import WalkOptions, capture_block_inputs
 from lowbit.scheme import AWQ, GPTQ, HQQ, QuantScheme, Recipe, SignRound, SmoothQuant
-from tiny_models import random_ids, tiny_gpt2, tiny_llama
+from tiny_models import random_ids, save_load_generate, tiny_gpt2, tiny_llama
 
 W4 = QuantScheme(bits=4, group_size=32)
 W3A = QuantScheme(bits=3, symmetric=False, group_size=32)
@@ -156,18 +156,10 @@ def test_walker_quantizes_every_architecture(make, method):
 def test_gptq_tiny_model_saves_loads_and_generates(tmp_path):
     model = tiny_llama()
     lowbit.quantize(model, Recipe.uniform(W4, method=GPTQ(damp=0.02)), calibration=calib(8, 32), progress=False)
-    path = tmp_path / "gptq.lowbit.safetensors"
-    lowbit.save(model, path)
-    manifest = lowbit.read_manifest(path)
+    manifest = save_load_generate(model, tmp_path / "gptq.lowbit.safetensors", new_tokens=5)
     assert manifest["recipe"]["method"] == "gptq"
     assert manifest["recipe"]["method_options"][0]["damp"] == 0.02
     assert manifest["calibration"]["n_samples"] == 8 and manifest["calibration"]["seqlen"] == 32
-    loaded = lowbit.load(path)
-    ids = random_ids(1, 8, seed=3)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
-        out = loaded.generate(ids, max_new_tokens=5, do_sample=False)
-    assert out.shape == (1, 13)
 
 
 def test_propagation_modes_and_disk_offload_agree(tmp_path):

@@ -44,3 +44,20 @@ def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
 
 def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def save_load_generate(model, path, new_tokens: int) -> dict:
+    """Save a quantized ``model`` to ``path``, load it back and check it: the same logits as the
+    model it came from on a random prompt, and greedy generation of ``new_tokens`` tokens.
+    Returns the manifest, for the caller's own checks."""
+    import lowbit
+
+    lowbit.save(model, path)
+    manifest = lowbit.read_manifest(path)
+    loaded = lowbit.load(path)
+    ids = random_ids(1, 8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        out = loaded.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert out.shape == (1, 8 + new_tokens)
+    return manifest

@@ -103,10 +103,16 @@ def check_scheme(scheme: QuantScheme, name: str = "<layer>") -> None:
 def rtn_start(weight: torch.Tensor, scheme: QuantScheme) -> Start:
     """Round-to-nearest as the start (AutoRound's): RTN's scales and zero points, no shifts."""
     check_scheme(scheme)
-    qp = QuantizedTensor.quantize(weight, scheme).qparams
-    scale = qp.scale.float()
-    zero = torch.full_like(scale, float(scheme.zero_code)) if scheme.symmetric else qp.zero.float()
+    scale, zero = _float_qparams(QuantizedTensor.quantize(weight, scheme))
     return Start(scale, zero, torch.zeros_like(weight, dtype=torch.float32))
+
+
+def _float_qparams(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A result's scales and zero points as float32 ``[rows, G]`` (symmetric: the fixed zero code)."""
+    scale = qt.qparams.scale.float()
+    if qt.scheme.symmetric:
+        return scale, torch.full_like(scale, float(qt.scheme.zero_code))
+    return scale, qt.qparams.zero.float()
 
 
 @torch.no_grad()
@@ -118,9 +124,7 @@ def start_from(weight: torch.Tensor, qt: QuantizedTensor) -> Start:
     check_scheme(scheme)
     if tuple(qt.shape) != tuple(weight.shape):
         raise SchemeError(f"start_from: the result's shape {tuple(qt.shape)} is not the weight's {tuple(weight.shape)}")
-    qp = qt.qparams
-    scale = qp.scale.float()
-    zero = torch.full_like(scale, float(scheme.zero_code)) if scheme.symmetric else qp.zero.float()
+    scale, zero = _float_qparams(qt)
     g = formats.grouped(weight.detach().float(), scheme)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     codes = formats.grouped(qt.codes().float(), scheme)

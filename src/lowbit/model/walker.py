@@ -131,8 +131,13 @@ def get_weight(mod: nn.Module) -> torch.Tensor:
 
 
 def set_weight(mod: nn.Module, w: torch.Tensor) -> None:
-    stored = w.t() if not isinstance(mod, nn.Linear) else w
-    mod.weight.data = stored.to(mod.weight.dtype).contiguous()
+    mod.weight.data = _stored_form(mod, w).contiguous()
+
+
+def _stored_form(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w [out, in]`` as the module stores its weight (transposed for GPT-2's Conv1D), in its
+    dtype; differentiable (SignRound passes it to ``functional_call``)."""
+    return (w if isinstance(mod, nn.Linear) else w.t()).to(mod.weight.dtype)
 
 
 def _block_out(res: Any) -> torch.Tensor:
@@ -638,11 +643,6 @@ class BlockWalker:
                     del crosses[g]
                 del h
         return results
-
-
-def _stored_form(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """``w [out, in]`` as the module stores its weight (transposed for GPT-2's Conv1D), in its dtype."""
-    return (w if isinstance(mod, nn.Linear) else w.t()).to(mod.weight.dtype)
 
 
 @contextmanager
