@@ -11,9 +11,9 @@ import torch
 
 from lowbit import formats
 from lowbit.calibration.stats import CrossAccumulator, HessianAccumulator
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, SchemeError
 from lowbit.methods import round_weight
-from lowbit.methods.gptq import fp_target_weight, gptq, layer_error, prepare_hessian, refine_scales
+from lowbit.methods.gptq import fp_target_weight, gptq, layer_error, prepare_hessian, processing_order, refine_scales
 from lowbit.methods.rtn import rtn
 from lowbit.scheme import GPTQ, RTN, Granularity, QuantScheme
 
@@ -30,6 +30,11 @@ SCHEMES = {
         bits=5, symmetric=False, zero_point="float", granularity="channel", scale_dtype="float16"
     ),
 }
+
+
+# GPTQ's column orders: natural, act-order (static groups), group-aware act-order
+ORDERS = [dict(act_order=False), dict(act_order=True), dict(act_order=True, group_aware=True)]
+ORDER_IDS = ["plain", "act_order", "group_aware"]
 
 
 def _weight(seed: int = 0, shape=(OUT, IN)) -> torch.Tensor:
@@ -66,37 +71,37 @@ def _assert_same_qt(a, b):
 # ---------------------------------------------------------------------------
 # no off-diagonal Hessian terms -> no error feedback -> exactly RTN
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 @pytest.mark.parametrize("name", list(SCHEMES))
-def test_identity_hessian_gives_rtn_exactly(name, act_order):
+def test_identity_hessian_gives_rtn_exactly(name, order):
     scheme = SCHEMES[name]
     w = _weight()
-    q = gptq(w, scheme, torch.eye(IN), GPTQ(act_order=act_order))
+    q = gptq(w, scheme, torch.eye(IN), GPTQ(**order))
     _assert_same_qt(q, rtn(w, scheme))
     assert q.packed.dtype == torch.uint8 and q.codes().dtype == torch.uint8
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 @pytest.mark.parametrize(
     "name,block_size",
     [("w4g32-sym", 48), ("w3g64-asym", 48), ("w4g32-asymf", 48), ("w4g32-sym", 1), ("w3g64-asym", 1000)],
 )
-def test_diagonal_hessian_gives_rtn_exactly(name, block_size, act_order):
+def test_diagonal_hessian_gives_rtn_exactly(name, block_size, order):
     """Uneven diagonal: act-order really permutes the columns, and blocks straddle groups."""
     scheme = SCHEMES[name]
     w = _weight(seed=3)
     h = torch.diag(torch.rand(IN, generator=torch.Generator().manual_seed(4)) * 10 + 0.01)
-    q = gptq(w, scheme, h, GPTQ(act_order=act_order, block_size=block_size))
+    q = gptq(w, scheme, h, GPTQ(**order, block_size=block_size))
     _assert_same_qt(q, rtn(w, scheme))
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 @pytest.mark.parametrize("name", ["w4g32-sym", "w3g64-asym", "w4g32-asymf", "w8c-sym", "w2t-sym"])
-def test_clip_search_with_identity_hessian_is_rtn_on_searched_ranges(name, act_order):
+def test_clip_search_with_identity_hessian_is_rtn_on_searched_ranges(name, order):
     """No error feedback: the codes are RTN's on the ranges formats.search_qparams picks."""
     scheme = SCHEMES[name]
     w = _weight(seed=5)
-    q = gptq(w, scheme, torch.eye(IN), GPTQ(act_order=act_order, clip_search=True, clip_grid=40))
+    q = gptq(w, scheme, torch.eye(IN), GPTQ(**order, clip_search=True, clip_grid=40))
     qp = formats.search_qparams(w, scheme, grid=40, column_weights=torch.ones(IN))  # diag(I)
     assert torch.equal(q.scale, qp.scale)
     assert torch.equal(q.codes(), formats.quantize(w, qp, scheme))
@@ -186,10 +191,10 @@ def test_beats_rtn_on_synthetic_correlated_inputs_and_is_pure():
     for name in ("w4g32-sym", "w3g64-asym", "w8c-sym"):
         scheme = SCHEMES[name]
         err_rtn = (x @ (w - rtn(w, scheme).dequantize()).T).norm()
-        for act_order in (False, True):
-            q = gptq(w, scheme, h, GPTQ(act_order=act_order))
+        for order in ORDERS:
+            q = gptq(w, scheme, h, GPTQ(**order))
             err = (x @ (w - q.dequantize()).T).norm()
-            assert err <= 0.9 * err_rtn, (name, act_order, float(err / err_rtn))
+            assert err <= 0.9 * err_rtn, (name, order, float(err / err_rtn))
     assert torch.equal(w, w0) and torch.equal(h, h0)
 
 
@@ -208,9 +213,81 @@ def test_act_order_keeps_static_rtn_group_parameters():
         assert not torch.equal(plain.scale, r.scale)  # chosen from the error-updated weights
 
 
+def test_group_aware_order_keeps_groups_contiguous():
+    """Groups by descending largest diag(H), then each group's columns by descending diag(H)."""
+    diag = torch.tensor([1.0, 5.0, 2.0, 2.0, 9.0, 0.0, 3.0, 4.0, 7.0, 7.0, 1.0, 6.0])
+    assert processing_order(diag, act_order=False) is None
+    assert processing_order(diag, act_order=True).tolist() == [4, 8, 9, 11, 1, 7, 6, 2, 3, 0, 10, 5]
+    # groups of 4: maxima 5, 9, 7 -> groups 1, 2, 0; ties keep their natural order (stable)
+    got = processing_order(diag, act_order=True, group_size=4).tolist()
+    assert got == [4, 7, 6, 5, 8, 9, 11, 10, 1, 2, 3, 0]
+    assert sorted(got) == list(range(12))
+    with pytest.raises(CalibrationError, match="groups of 5"):
+        processing_order(diag, act_order=True, group_size=5)
+
+
+def _reference_gptq_group_aware(w, scheme, h, damp, order, gsize):
+    """Unblocked float64 GPTQ with explicit OBS updates in ``order`` (whole groups contiguous);
+    each group's parameters from the current (error-updated) weights when it is reached."""
+    n = w.shape[0]
+    col_scheme = dataclasses.replace(scheme, granularity=Granularity.CHANNEL, group_size=None)
+    perm = torch.tensor(order)
+    w = w.double()[:, perm]
+    h = h.double()
+    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.inv(h[perm][:, perm])
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    scales = torch.empty(n, w.shape[1] // gsize)
+    for j, col in enumerate(order):
+        if j % gsize == 0:
+            cqp = formats.choose_qparams(w[:, j : j + gsize].float(), col_scheme)
+            scales[:, col // gsize] = cqp.scale[:, 0].float()
+        c = formats.quantize(w[:, j : j + 1].float(), cqp, col_scheme)
+        codes[:, col] = c[:, 0]
+        err = (w[:, j] - formats.dequantize(c, cqp, col_scheme)[:, 0].double()) / hinv[j, j]
+        w[:, j + 1 :] -= torch.outer(err, hinv[j, j + 1 :])
+        hinv[j + 1 :, j + 1 :] -= torch.outer(hinv[j + 1 :, j], hinv[j, j + 1 :]) / hinv[j, j]
+    return codes, scales
+
+
+@pytest.mark.parametrize("block_size", [16, 40])  # 40: lazy blocks straddle groups
+def test_group_aware_matches_unblocked_float64_reference(block_size):
+    k, gsize = 96, 32
+    scheme = QuantScheme(bits=3, symmetric=False, group_size=gsize)
+    w = _weight(seed=5, shape=(24, k))
+    h = _hessian(_correlated_inputs(400, k))
+    order = processing_order(h.diagonal(), act_order=True, group_size=gsize).tolist()
+    want_codes, want_scales = _reference_gptq_group_aware(w, scheme, h, 0.01, order, gsize)
+    got = gptq(w, scheme, h, GPTQ(group_aware=True, block_size=block_size))
+    assert (got.codes() == want_codes).float().mean() >= 0.98
+    first = order[:gsize]  # the first group sees no feedback before its parameters are chosen
+    assert torch.equal(got.codes()[:, first], want_codes[:, first])
+    torch.testing.assert_close(got.scale[:, order[0] // gsize].float(), want_scales[:, order[0] // gsize])
+    assert ((got.scale.float() - want_scales).abs() <= 1e-4 * want_scales.abs()).float().mean() >= 0.95
+    static = gptq(w, scheme, h, GPTQ(act_order=True))
+    assert not torch.equal(got.scale, static.scale)  # not the static groups' up-front parameters
+
+
+def test_group_aware_prepared_hessian_must_match_the_group_size():
+    h = _hessian(_correlated_inputs(500, IN))
+    spec = GPTQ(group_aware=True)
+    w, g32, g64 = _weight(), SCHEMES["w4g32-sym"], SCHEMES["w3g64-asym"]
+    with pytest.raises(CalibrationError, match="needs the scheme"):
+        prepare_hessian(h, spec)
+    prepared = prepare_hessian(h, spec, g32)
+    _assert_same_qt(gptq(w, g32, prepared, spec), gptq(w, g32, h, spec))  # sharing the factoring changes nothing
+    with pytest.raises(CalibrationError, match="group size 32 but this spec and scheme need 64"):
+        gptq(w, g64, prepared, spec)
+    # channel granularity has no groups: the plain act-order factoring serves it
+    w8c = SCHEMES["w8c-sym"]
+    _assert_same_qt(gptq(w, w8c, prepare_hessian(h, spec, w8c), spec), gptq(w, w8c, h, GPTQ()))
+    with pytest.raises(SchemeError, match="needs act_order=True"):
+        GPTQ(act_order=False, group_aware=True)
+
+
 @pytest.mark.parametrize("name", ["w4g32-sym", "w3g64-asym", "w4g32-asymf", "w8c-sym"])
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
-def test_dead_columns(name, act_order):
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
+def test_dead_columns(name, order):
     scheme = SCHEMES[name]
     x = _correlated_inputs(512, IN)
     dead = [0, 5, 70, IN - 1]
@@ -220,8 +297,8 @@ def test_dead_columns(name, act_order):
     w = _weight(seed=9)
     w0, h0 = w.clone(), h.clone()
     # dead columns alone must not break Cholesky, even undampened
-    assert torch.isfinite(gptq(w, scheme, h, GPTQ(act_order=act_order, damp=0.0)).dequantize()).all()
-    q = gptq(w, scheme, h, GPTQ(act_order=act_order))
+    assert torch.isfinite(gptq(w, scheme, h, GPTQ(**order, damp=0.0)).dequantize()).all()
+    q = gptq(w, scheme, h, GPTQ(**order))
     deq = q.dequantize()
     assert torch.isfinite(deq).all()
     if scheme.zero_point == "float" and not scheme.symmetric:
@@ -261,14 +338,14 @@ def test_shape_mismatch_raises():
         gptq(torch.zeros(IN), SCHEMES["w4g32-sym"], torch.eye(IN))
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 @pytest.mark.parametrize("name", ["w4g32-sym", "w3g64-asym", "w4g32-asymf", "w8c-sym", "w2t-sym", "w4g64-asym-bf16"])
-def test_refine_scales_keeps_codes_and_never_raises_a_rows_error(name, act_order):
+def test_refine_scales_keeps_codes_and_never_raises_a_rows_error(name, order):
     scheme = SCHEMES[name]
     w = _weight()
     h = _hessian(_correlated_inputs(2000, IN))
-    plain = gptq(w, scheme, h, GPTQ(act_order=act_order, clip_search=True))
-    refined = gptq(w, scheme, h, GPTQ(act_order=act_order, clip_search=True, refine_scales=True))
+    plain = gptq(w, scheme, h, GPTQ(**order, clip_search=True))
+    refined = gptq(w, scheme, h, GPTQ(**order, clip_search=True, refine_scales=True))
     assert torch.equal(plain.codes(), refined.codes())
     assert refined.scale.dtype == plain.scale.dtype and refined.scale.shape == plain.scale.shape
     if plain.zero is not None:
@@ -415,17 +492,17 @@ def layer_inputs(smollm2):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 @pytest.mark.parametrize("kind", ["w4-sym", "w3-asym"])
 @pytest.mark.parametrize("name", LINEARS)
-def test_beats_rtn_on_real_layer(layer_inputs, name, kind, act_order):
+def test_beats_rtn_on_real_layer(layer_inputs, name, kind, order):
     w, h, x_cal, x_held = layer_inputs[name]
     g = 128 if w.shape[1] % 128 == 0 else 64  # q_proj has in=576
     if kind == "w4-sym":
         scheme = QuantScheme(bits=4, group_size=g)
     else:
         scheme = QuantScheme(bits=3, symmetric=False, group_size=g)
-    q = gptq(w, scheme, h, GPTQ(act_order=act_order)).dequantize()
+    q = gptq(w, scheme, h, GPTQ(**order)).dequantize()
     r = rtn(w, scheme).dequantize()
 
     def err(x, wq):
@@ -433,7 +510,7 @@ def test_beats_rtn_on_real_layer(layer_inputs, name, kind, act_order):
 
     ratio_cal = err(x_cal, q) / err(x_cal, r)
     ratio_held = err(x_held, q) / err(x_held, r)
-    print(f"{name} {scheme.short_name} act_order={act_order}: GPTQ/RTN calib {ratio_cal:.3f} held-out {ratio_held:.3f}")
+    print(f"{name} {scheme.short_name} {order}: GPTQ/RTN calib {ratio_cal:.3f} held-out {ratio_held:.3f}")
     assert ratio_cal <= 0.8
     assert ratio_held <= 0.9
 

@@ -372,3 +372,32 @@ def test_data_free_sampling_is_seeded_and_full_length():
     assert a.ids.shape == (3, 12) and torch.equal(a.ids, b.ids)
     assert bool((a.ids[:, 0] == 1).all()) and int(a.ids.max()) < 256
     assert "data-free" in a.description["source"]
+
+
+def test_group_aware_gptq_walks_mixed_group_sizes_sharing_an_input():
+    """q/k/v share one Hessian; with group-aware act-order their column order depends on the
+    group size, so k_proj (g16) needs its own factoring next to q/v (g32). The walk must give
+    each linear the order of its own scheme (a shared wrong one raises), beat RTN, and differ
+    from static act-order."""
+    from lowbit.scheme import Rule
+
+    w4g16 = QuantScheme(bits=4, group_size=16)
+    rules = (Rule(r".*\.k_proj", w4g16), Rule(r".*", W4))
+    data, held = calib(8, 32), random_ids(4, 32, seed=9)
+    ref = tiny_llama()
+    models = {}
+    for name, method in [("gar", GPTQ(group_aware=True)), ("static", GPTQ()), ("rtn", "rtn")]:
+        models[name] = tiny_llama()
+        rules_with_head = (Rule(r"lm_head", None),) + rules
+        lowbit.quantize(models[name], Recipe(rules=rules_with_head, method=method), calibration=data, progress=False)
+    k = models["gar"].model.layers[0].self_attn.k_proj
+    assert k.scheme == w4g16
+    gar, static = models["gar"].state_dict(), models["static"].state_dict()
+    for rel in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        key = f"model.layers.0.{rel}.qweight"
+        assert not torch.equal(gar[key], static[key]), rel
+    assert logits_mse(models["gar"], ref, held) < logits_mse(models["rtn"], ref, held)
+    assert logits_mse(models["gar"], ref, data.ids) < logits_mse(models["rtn"], ref, data.ids)
+    assert Recipe.from_json(Recipe(rules=rules, method=GPTQ(group_aware=True)).to_json()).method == (
+        GPTQ(group_aware=True),
+    )

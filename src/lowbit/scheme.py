@@ -350,6 +350,13 @@ class GPTQ:
     full-precision model's outputs ``X_fp W^T`` from the quantized model's inputs ``X_q``
     (the walker keeps a second, full-precision stream of block inputs, so the calibration
     activations held or spilled double); off = plain GPTQ, which fits ``X_q W^T``.
+    ``group_aware``: with ``act_order`` and group granularity, reorder by whole groups instead
+    of by single columns (group-aware reordering, GAR: Gafni et al. 2025): groups are processed
+    in descending order of their largest ``diag(H)``, the columns of each group in descending
+    order; since a group's columns are then contiguous in processing order, its parameters are
+    chosen when it is reached, from the error-updated weights (as without act-order), instead of
+    up front from the original weight. The stored layout is the plain contiguous grouping either
+    way. Needs ``act_order=True``; channel and tensor granularity are unaffected.
     """
 
     damp: float = 0.01
@@ -362,6 +369,7 @@ class GPTQ:
     clip_norm: float = 2.4
     refine_scales: bool = False
     fp_targets: bool = False
+    group_aware: bool = False
     name = "gptq"
     kind = "rounding"
     needs_calibration = True
@@ -372,9 +380,14 @@ class GPTQ:
         _check_range("GPTQ", "clip_grid", self.clip_grid, 1, 10_000, integer=True)
         _check_range("GPTQ", "max_shrink", self.max_shrink, 1e-6, 1.0)
         _check_range("GPTQ", "clip_norm", self.clip_norm, 1e-6, 100.0)
-        for f in ("act_order", "true_sequential", "clip_search", "refine_scales", "fp_targets"):
+        for f in ("act_order", "true_sequential", "clip_search", "refine_scales", "fp_targets", "group_aware"):
             if not isinstance(getattr(self, f), bool):
                 raise SchemeError(f"GPTQ.{f} must be True or False")
+        if self.group_aware and not self.act_order:
+            raise SchemeError(
+                "GPTQ(group_aware=True) reorders act-order by groups and needs act_order=True; "
+                "use GPTQ(act_order=True, group_aware=True), or drop group_aware"
+            )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ When parameters are chosen:
   (stable sort), and every group's parameters are chosen up front from the
   original weight ("static groups"), so the stored layout stays the plain
   contiguous grouping with no ``g_idx``; codes land in their original columns.
+* ``group`` with ``GPTQ(act_order=True, group_aware=True)`` (group-aware reordering):
+  whole groups are processed by descending largest ``diag(H)``, each group's columns
+  by descending ``diag(H)``; a group's columns are contiguous in that order, so its
+  parameters are chosen when it is reached, from the current weights, as without
+  act-order. Same stored layout.
 
 In every case dead columns (``diag(H) == 0``: the input is always zero) are
 zeroed in the weight first.
@@ -55,13 +60,45 @@ def _suggest_damp(damp: float) -> str:
     return f"GPTQ(damp={min(1.0, max(0.01, damp * 10)):g})"
 
 
+def order_group_size(spec: GPTQ, scheme: QuantScheme) -> Optional[int]:
+    """The group size GPTQ's processing order is built around for ``scheme``: the scheme's group
+    size with ``GPTQ(act_order=True, group_aware=True)`` and group granularity, else None (the
+    order, if any, is by single columns). Linears whose schemes give the same value can share one
+    ``PreparedHessian``."""
+    if spec.act_order and spec.group_aware and scheme.granularity is Granularity.GROUP:
+        return scheme.group_size
+    return None
+
+
+def processing_order(diag: torch.Tensor, act_order: bool, group_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The order GPTQ rounds the columns in, long ``[K]``, from ``diag`` ``[K]`` (``diag(H)``).
+
+    None: the natural order (``act_order`` off). ``group_size`` None: every column by descending
+    ``diag`` (stable). ``group_size`` G (``K % G == 0``): group-aware reordering, groups by
+    descending largest ``diag`` in the group, then each group's columns by descending ``diag``
+    (both stable), so every group's columns stay contiguous.
+    """
+    if not act_order:
+        return None
+    if group_size is None:
+        return torch.sort(diag, descending=True, stable=True).indices
+    k = diag.numel()
+    if k % group_size:
+        raise CalibrationError(f"group-aware order: {k} columns do not split into groups of {group_size}")
+    by_group = diag.reshape(k // group_size, group_size)  # [K/G, G]
+    group_rank = torch.sort(by_group.max(dim=1).values, descending=True, stable=True).indices  # [K/G]
+    within = torch.sort(by_group, dim=1, descending=True, stable=True).indices  # [K/G, G]
+    starts = (torch.arange(k // group_size, device=diag.device) * group_size).unsqueeze(1)  # [K/G, 1]
+    return (starts + within)[group_rank].reshape(k)
+
+
 def _prepare_hessian(
-    hessian: torch.Tensor, damp: float, act_order: bool, device: torch.device
+    hessian: torch.Tensor, damp: float, act_order: bool, device: torch.device, order_group: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """From the caller's ``hessian`` (``[K, K]``, left untouched) to ``(U, dead, perm, diag)``.
 
     ``dead``: bool ``[K]``, columns with ``diag(H) == 0``; ``perm``: long ``[K]``, the
-    processing order (descending ``diag(H)``, stable) or None for the natural order;
+    processing order (``processing_order`` with ``order_group``) or None for the natural order;
     ``U``: float32 ``[K, K]``, upper triangular with ``U^T U = (H_p + damp * mean(diag H) I)^-1``
     where ``H_p`` is ``H`` with dead columns decoupled (``H[i, i] = 1``) and permuted by ``perm``;
     ``diag``: float32 ``[K]``, ``diag(H)`` undamped in the natural column order (each input
@@ -83,9 +120,8 @@ def _prepare_hessian(
         h[dead, :] = 0
         h[:, dead] = 0
         h.diagonal()[dead] = 1
-    perm = None
-    if act_order:
-        perm = torch.sort(h.diagonal(), descending=True, stable=True).indices  # [K]
+    perm = processing_order(h.diagonal(), act_order, order_group)  # [K] or None
+    if perm is not None:
         h = h.index_select(0, perm)
         h = h.index_select(1, perm)
     diag = h.diagonal()
@@ -117,7 +153,8 @@ class PreparedHessian:
     """What GPTQ derives from a Hessian once, shareable by every linear that reads the same
     input (q/k/v, gate/up): ``upper`` float32 ``[K, K]`` (upper Cholesky factor of the damped,
     permuted inverse), ``dead`` bool ``[K]``, ``perm`` long ``[K]`` or None, and the spec
-    fields it depends on; ``diag`` float32 ``[K]`` is the undamped ``diag(H)``."""
+    fields it depends on (``order_group``: see ``order_group_size``); ``diag`` float32 ``[K]``
+    is the undamped ``diag(H)``."""
 
     upper: torch.Tensor
     dead: torch.Tensor
@@ -125,14 +162,30 @@ class PreparedHessian:
     damp: float
     act_order: bool
     diag: torch.Tensor
+    order_group: Optional[int] = None
 
 
-def prepare_hessian(hessian: torch.Tensor, spec: GPTQ = GPTQ()) -> PreparedHessian:
-    """Validate, damp, (permute) and factor ``hessian`` ``[K, K]`` for ``gptq``."""
+def prepare_hessian(
+    hessian: torch.Tensor, spec: GPTQ = GPTQ(), scheme: Optional[QuantScheme] = None
+) -> PreparedHessian:
+    """Validate, damp, (permute) and factor ``hessian`` ``[K, K]`` for ``gptq``.
+
+    ``scheme`` is needed with ``GPTQ(group_aware=True)``, whose order depends on the group size;
+    the result serves every scheme with the same ``order_group_size``."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CalibrationError(f"a Hessian must be square [in, in], got shape {tuple(hessian.shape)}")
-    u, dead, perm, diag = _prepare_hessian(hessian, spec.damp, spec.act_order, hessian.device)
-    return PreparedHessian(upper=u, dead=dead, perm=perm, damp=spec.damp, act_order=spec.act_order, diag=diag)
+    if spec.group_aware and scheme is None:
+        raise CalibrationError(
+            "prepare_hessian with GPTQ(group_aware=True) needs the scheme (its order depends on the "
+            "group size): prepare_hessian(hessian, spec, scheme)"
+        )
+    order_group = None if scheme is None else order_group_size(spec, scheme)
+    if order_group is not None:
+        scheme.check_layer("<gptq weight>", hessian.shape[0])
+    u, dead, perm, diag = _prepare_hessian(hessian, spec.damp, spec.act_order, hessian.device, order_group)
+    return PreparedHessian(
+        upper=u, dead=dead, perm=perm, damp=spec.damp, act_order=spec.act_order, diag=diag, order_group=order_group
+    )
 
 
 def gptq(
@@ -166,16 +219,22 @@ def gptq(
     if scheme.granularity is Granularity.GROUP:
         scheme.check_layer("<gptq weight>", n_in)
     device = weight.device
+    order_group = order_group_size(spec, scheme)
 
     w = weight.detach().to(device=device, dtype=torch.float32, copy=True)  # [N, K]
     formats._check_finite(w)  # FormatError, as RTN, before any [K, K] work
     if isinstance(hessian, PreparedHessian):
         if (hessian.damp, hessian.act_order) != (spec.damp, spec.act_order):
             raise CalibrationError("the PreparedHessian was made with another damp/act_order than this spec")
+        if hessian.order_group != order_group:
+            raise CalibrationError(
+                f"the PreparedHessian's column order was built for group size {hessian.order_group} but "
+                f"this spec and scheme need {order_group}; use prepare_hessian(hessian, spec, scheme)"
+            )
         u, dead, perm, hdiag = hessian.upper.to(device), hessian.dead.to(device), hessian.perm, hessian.diag.to(device)
         perm = None if perm is None else perm.to(device)
     else:
-        u, dead, perm, hdiag = _prepare_hessian(hessian, spec.damp, spec.act_order, device)  # U: [K, K]
+        u, dead, perm, hdiag = _prepare_hessian(hessian, spec.damp, spec.act_order, device, order_group)  # U: [K, K]
     w[:, dead] = 0
     if spec.refine_scales:
         if scheme.double_quant:
@@ -186,10 +245,10 @@ def gptq(
         target = w.clone()  # [N, K] the weight the refined scales are fitted to
         h_damped = _hessian_from_factor(u, perm)  # [K, K] natural order
 
-    def choose_qparams(x: torch.Tensor, first_col: int = 0) -> QParams:
-        """Parameters for the columns ``first_col ..`` of the weight (natural order)."""
+    def choose_qparams(x: torch.Tensor, cols: Optional[torch.Tensor] = None) -> QParams:
+        """Parameters for the columns ``x`` of the weight; ``cols`` long: their indices (natural order)."""
         if spec.clip_search:
-            cols = hdiag[first_col : first_col + x.shape[1]]
+            cols = hdiag if cols is None else hdiag[cols]
             return formats.search_qparams(
                 x, scheme, grid=spec.clip_grid, max_shrink=spec.max_shrink, norm=spec.clip_norm, column_weights=cols
             )
@@ -197,7 +256,7 @@ def gptq(
 
     group = scheme.granularity is Granularity.GROUP
     gsize = scheme.group_size if group else n_in
-    static = (not group) or spec.act_order
+    static = (not group) or (spec.act_order and order_group is None)
     if static:
         # [N, K/G] (group), [N, 1] (channel) or [1, 1] (tensor), from the whole weight up front
         qp_static = choose_qparams(w)
@@ -214,6 +273,7 @@ def gptq(
         col_group = (perm // gsize).tolist() if group else [0] * n_in  # original group of each processed column
     else:
         col_group = [j // gsize for j in range(n_in)]
+    natural = perm if perm is not None else torch.arange(n_in, device=device)  # [K] column of each position
 
     col_scheme = _column_scheme(scheme)
     codes = torch.empty(n_out, n_in, dtype=torch.uint8, device=device)  # in processing order
@@ -239,11 +299,12 @@ def gptq(
                 if end > i2:
                     rest = w[:, i2:end] - err1[:, :i] @ u[i1:j, i2:end]
                     cur = torch.cat([cur, rest], dim=1)
-                qp = choose_qparams(cur, j)  # [N, 1]
+                # one whole group (the group-aware order keeps a group's columns contiguous)
+                qp = choose_qparams(cur, natural[j:end])  # [N, 1]
                 s_col, z_col = qp.scale[:, 0], None if qp.zero is None else qp.zero[:, 0]
-                scale[:, j // gsize] = s_col
+                scale[:, col_group[j]] = s_col
                 if zero is not None:
-                    zero[:, j // gsize] = z_col
+                    zero[:, col_group[j]] = z_col
             col = w1[:, i : i + 1]  # [N, 1]
             qp_col = QParams(s_col.unsqueeze(1), None if z_col is None else z_col.unsqueeze(1))
             q = formats.quantize(col, qp_col, col_scheme, check_finite=False)  # [N, 1] uint8; w checked above

@@ -42,7 +42,7 @@ from lowbit.errors import CalibrationError, DataError
 from lowbit.methods import round_weight
 from lowbit.methods import awq as awq_m
 from lowbit.methods import signround as signround_m
-from lowbit.methods.gptq import fp_target_weight, prepare_hessian
+from lowbit.methods.gptq import fp_target_weight, order_group_size, prepare_hessian
 from lowbit.methods.smoothquant import smoothquant_scales
 from lowbit.model.adapters import InputGroup, ModelAdapter, find_blocks, trace_block
 from lowbit.model.swap import (
@@ -624,13 +624,18 @@ class BlockWalker:
                 crosses = {g: CrossAccumulator(get_weight(firsts[g]).shape[1]) for g in stage}
                 self._paired_pass(block, inputs, fp_pair[0], fp_pair[1], stage, accs, crosses)
             for g in stage:
-                try:
-                    h = prepare_hessian(accs.pop(g).hessian, rounding)  # factored once per shared input
-                except CalibrationError as e:
-                    raise CalibrationError(f"GPTQ on {list(g.linears)} of this block: {e}") from None
+                hessian = accs.pop(g).hessian
+                prepared: dict = {}  # factored once per shared input and column order
                 for rel in g.linears:
                     if rel not in layers or layers[rel].scheme is None:
                         continue
+                    key = order_group_size(rounding, layers[rel].scheme)
+                    if key not in prepared:
+                        try:
+                            prepared[key] = prepare_hessian(hessian, rounding, layers[rel].scheme)
+                        except CalibrationError as e:
+                            raise CalibrationError(f"GPTQ on {list(g.linears)} of this block: {e}") from None
+                    h = prepared[key]
                     mod = block.get_submodule(rel)
                     w = get_weight(mod)
                     target = w
@@ -641,7 +646,7 @@ class BlockWalker:
                     results[rel] = (qt, w)
                 if crosses is not None:
                     del crosses[g]
-                del h
+                del hessian, prepared
         return results
 
 
