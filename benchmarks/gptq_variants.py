@@ -41,7 +41,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 SCHEME = dict(bits=4, group_size=128, symmetric=False)
 # flags a variant name may carry after its method and calibration set
 FLAGS = {"noact": ("act_order", False), "gar": ("group_aware", True)}
-NUMERIC = {"damp": "damp", "norm": "clip_norm", "shrink": "max_shrink", "grid": "clip_grid"}
+NUMERIC = {"damp": "damp", "norm": "clip_norm", "shrink": "max_shrink", "grid": "clip_grid", "cap": "token_cap"}
 # SignRound options: iters=N, lr=X, norange
 SR_NUMERIC = {"iters": "iters", "lr": "lr"}
 EXAMPLES = ["rtn", "clip df32x512", "clip+fpt df32x512", "clip+refine df128x2048 damp=0.1", "gptq text32x512 noact fpprop",
@@ -57,7 +57,7 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``), either with ``+fpt`` (``fp_targets``);
     calibration: ``textNxL`` (state_union), ``dfNxL`` (data-free) or ``wikidiagNxL`` (diagnostic only:
     WikiText-2 test text after the evaluation windows); GPTQ options: ``damp=X``,
-    ``norm=X``, ``shrink=X``, ``grid=N``, ``noact`` (no act-order), ``gar`` (group-aware act-order); SignRound options:
+    ``norm=X``, ``shrink=X``, ``grid=N``, ``cap=X`` (``token_cap``), ``noact`` (no act-order), ``gar`` (group-aware act-order); SignRound options:
     ``iters=N``, ``lr=X``, ``norange`` (round only, no range factors); any method: ``fpprop``
     (next block sees full-precision outputs).
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calibration.stats import ChannelStats, CrossAccumulator, HessianAccumulator
+from lowbit.calibration.stats import ChannelStats, CrossAccumulator, HessianAccumulator, cap_token_norms
 from lowbit.errors import CalibrationError
 
 K = 48
@@ -152,3 +152,52 @@ def test_cross_accumulator_refuses_unpaired_batches():
         acc.add_batch(torch.zeros(4, K), torch.zeros(5, K))
     with pytest.raises(CalibrationError, match="no calibration tokens"):
         acc.cross
+
+
+# -- token norm cap (GPTQ(token_cap=...)) -----------------------------------------------------
+def _windows_with_a_sink(n_windows=3, length=40, seed=0):
+    """Windows whose first token is 500x larger than the rest, on two channels (an attention sink)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_windows, length, K, generator=g)
+    x[:, 0] = 0.0
+    x[:, 0, 3], x[:, 0, 9] = 3000.0, -2000.0
+    return x
+
+
+def test_cap_token_norms_scales_only_tokens_above_the_cap():
+    x = _windows_with_a_sink()
+    x0 = x.clone()
+    capped = cap_token_norms(x, 10.0)
+    assert torch.equal(x, x0)  # pure
+    norms = x.norm(dim=-1)  # [W, L]
+    med = norms.median(dim=-1).values  # [W]
+    big = norms > 10.0 * med[:, None]
+    assert big[:, 0].all() and int(big.sum()) == x.shape[0]  # exactly the sinks
+    assert torch.equal(capped[~big], x[~big])  # everything else untouched, bit for bit
+    torch.testing.assert_close(capped[:, 0].norm(dim=-1), 10.0 * med)
+    cos = torch.nn.functional.cosine_similarity(capped[:, 0], x[:, 0], dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # same direction
+    with pytest.raises(CalibrationError, match=">= 1"):
+        cap_token_norms(x, 0.5)
+
+
+def test_capped_hessian_does_not_depend_on_batching_and_is_plain_h_without_outliers():
+    x = _windows_with_a_sink()
+    one = HessianAccumulator(K, token_cap=10.0)
+    one.add_batch(x)
+    split = HessianAccumulator(K, token_cap=10.0)
+    for w in x:  # one window per batch (2-D [L, K]): the median is per window either way
+        split.add_batch(w)
+    torch.testing.assert_close(one.hessian, split.hessian, rtol=1e-6, atol=1e-6)
+    plain = HessianAccumulator(K)
+    plain.add_batch(x)
+    # the sinks dominate the plain Hessian and not the capped one
+    assert float(plain.hessian[3, 3]) > 1000 * float(plain.hessian.diagonal().median())
+    assert float(one.hessian[3, 3]) < 1e-3 * float(plain.hessian[3, 3])  # a sink now weighs at most 100 tokens
+    quiet = x[:, 1:]  # no token above the cap: exactly the plain accumulator
+    a, b = HessianAccumulator(K, token_cap=10.0), HessianAccumulator(K)
+    a.add_batch(quiet)
+    b.add_batch(quiet)
+    assert torch.equal(a.hessian, b.hessian)
+    with pytest.raises(CalibrationError, match="token_cap"):
+        HessianAccumulator(K, token_cap=0.9)

@@ -285,6 +285,55 @@ def test_group_aware_prepared_hessian_must_match_the_group_size():
         GPTQ(act_order=False, group_aware=True)
 
 
+def _windows_with_sinks(n_windows: int, length: int) -> torch.Tensor:
+    """Correlated inputs ``[n_windows, length, IN]`` whose first token is an attention-sink-like
+    massive activation on two channels (about 1000x an ordinary token's norm)."""
+    x = _correlated_inputs(n_windows * length, IN).reshape(n_windows, length, IN)
+    x[:, 0] = 0.0
+    x[:, 0, 3], x[:, 0, 40] = 3000.0, -2000.0
+    return x
+
+
+@pytest.mark.parametrize("name", ["w4g32-asym", "w3g64-asym"])
+def test_token_cap_keeps_ordinary_tokens_from_being_drowned_by_a_sink(name):
+    """Without the cap the sink tokens own H (and its dampening); with it, GPTQ serves the
+    ordinary held-out tokens about as well as a Hessian without sinks would, while the sink's
+    own error stays where uncapped GPTQ put it, far below RTN's."""
+    scheme = QuantScheme(bits=int(name[1]), symmetric=False, group_size=int(name[3:5]))
+    x = _windows_with_sinks(40, 128)
+    cal, held = x[:32], x[32:]
+    w = _weight(seed=2)
+
+    def errors(q):
+        d = (w - q.dequantize()).T
+        return float(((held[:, 1:] @ d) ** 2).mean()), float(((held[:, :1] @ d) ** 2).mean())
+
+    def run(cap):
+        acc = HessianAccumulator(IN, token_cap=cap)
+        acc.add_batch(cal)
+        return errors(gptq(w, scheme, acc.hessian, GPTQ(token_cap=cap)))
+
+    (rest_plain, sink_plain), (rest_cap, sink_cap) = run(None), run(10.0)
+    rest_rtn, sink_rtn = errors(rtn(w, scheme))
+    clean = HessianAccumulator(IN)
+    clean.add_batch(cal[:, 1:])
+    rest_clean, _ = errors(gptq(w, scheme, clean.hessian, GPTQ()))
+    assert rest_cap < 0.9 * rest_plain and rest_cap < 0.85 * rest_rtn
+    assert rest_cap < 1.05 * rest_clean
+    assert sink_cap < 1.05 * sink_plain and sink_cap < 0.5 * sink_rtn
+
+
+def test_token_cap_spec_is_validated_and_round_trips():
+    with pytest.raises(SchemeError, match="token_cap"):
+        GPTQ(token_cap=0.5)
+    with pytest.raises(SchemeError, match="one of token_cap and fp_targets"):
+        GPTQ(token_cap=10.0, fp_targets=True)
+    from lowbit.scheme import Recipe
+
+    r = Recipe.uniform(SCHEMES["w4g32-sym"], method=GPTQ(token_cap=10.0, clip_search=True))
+    assert Recipe.from_json(r.to_json()).method == (GPTQ(token_cap=10.0, clip_search=True),)
+
+
 @pytest.mark.parametrize("name", ["w4g32-sym", "w3g64-asym", "w4g32-asymf", "w8c-sym"])
 @pytest.mark.parametrize("order", ORDERS, ids=ORDER_IDS)
 def test_dead_columns(name, order):
@@ -436,12 +485,22 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inputs ``[tokens, in]`` of the chosen linears of block LAYER; the forward stops after it."""
-    block = model.model.layers[LAYER]
+def state_union_windows(tok, files, n: int) -> torch.Tensor:
+    """The first ``n`` windows of ``WINDOW`` tokens of the given state_union speeches, ``[n, WINDOW]``."""
+    from lowbit.eval.data import find_data_dir, tokenize_once
+
+    root = find_data_dir() / "state_union"
+    ids = tokenize_once(tok, "\n\n".join((root / f).read_text(encoding="utf-8") for f in files))
+    assert ids.numel() >= n * WINDOW
+    return ids[: n * WINDOW].view(n, WINDOW)
+
+
+def _capture_inputs(model, ids: torch.Tensor, layer: int = LAYER, linears=LINEARS) -> dict[str, torch.Tensor]:
+    """Inputs ``[tokens, in]`` of the chosen linears of block ``layer``; the forward stops after it."""
+    block = model.model.layers[layer]
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name in LINEARS:
+    for name in linears:
         mod = block.get_submodule(name)
 
         def pre_hook(_mod, args, name=name):
@@ -467,18 +526,9 @@ def _capture_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def layer_inputs(smollm2):
-    from lowbit.eval.data import find_data_dir, tokenize_once
-
     model, tok = smollm2
-    root = find_data_dir() / "state_union"
-
-    def windows(files, n):
-        ids = tokenize_once(tok, "\n\n".join((root / f).read_text(encoding="utf-8") for f in files))
-        assert ids.numel() >= n * WINDOW
-        return ids[: n * WINDOW].view(n, WINDOW)
-
-    calib = _capture_inputs(model, windows(CALIB_FILES, N_CALIB))
-    held = _capture_inputs(model, windows((HELD_FILE,), N_HELD))
+    calib = _capture_inputs(model, state_union_windows(tok, CALIB_FILES, N_CALIB))
+    held = _capture_inputs(model, state_union_windows(tok, (HELD_FILE,), N_HELD))
     block = model.model.layers[LAYER]
     out = {}
     for name in LINEARS:
@@ -534,3 +584,38 @@ def test_clip_search_lowers_w3_error_on_real_layer(layer_inputs, name):
     print(f"{name} W3: GPTQ+clip / GPTQ calib {ratio_cal:.3f} held-out {ratio_held:.3f}")
     assert ratio_cal < 1.0
     assert ratio_held < 1.0
+
+
+@pytest.mark.real_model
+def test_token_cap_on_smollm2s_sink_layer(smollm2):
+    """SmolLM2's block 11 down_proj: each window's first token carries a massive activation that
+    owns nearly all of trace(H). Plain GPTQ then trades the ordinary tokens for it and ends worse
+    than RTN on them; with the token cap GPTQ beats RTN on ordinary held-out tokens and still cuts
+    the first token's error well below RTN's."""
+    model, tok = smollm2
+    name = "mlp.down_proj"
+    n_cal = 32  # 8192 tokens for 1536 inputs: fewer overfit H whatever the cap
+    cal = _capture_inputs(model, state_union_windows(tok, CALIB_FILES, n_cal), 11, (name,))[name]
+    held = _capture_inputs(model, state_union_windows(tok, (HELD_FILE,), N_HELD), 11, (name,))[name]
+    cal, held = cal.view(n_cal, WINDOW, -1), held.view(N_HELD, WINDOW, -1)
+    w = model.model.layers[11].get_submodule(name).weight.detach().float()
+    scheme = QuantScheme(bits=4, symmetric=False, group_size=128)
+    acc = HessianAccumulator(w.shape[1])
+    acc.add_batch(cal)
+    share = float((cal[:, 0].pow(2).sum() / cal.pow(2).sum()))
+    assert share > 0.9  # the premise: first tokens hold nearly all of the Hessian's trace
+
+    def errors(q):
+        d = (w - q.dequantize()).T
+        return float(((held[:, 1:] @ d) ** 2).mean()), float(((held[:, :1] @ d) ** 2).mean())
+
+    capped = HessianAccumulator(w.shape[1], token_cap=10.0)
+    capped.add_batch(cal)
+    rest_plain, sink_plain = errors(gptq(w, scheme, acc.hessian, GPTQ(clip_search=True)))
+    rest_cap, sink_cap = errors(gptq(w, scheme, capped.hessian, GPTQ(clip_search=True, token_cap=10.0)))
+    rest_rtn, sink_rtn = errors(rtn(w, scheme))
+    print(f"block 11 down_proj: ordinary tokens RTN {rest_rtn:.4g} GPTQ {rest_plain:.4g} capped {rest_cap:.4g}; "
+          f"first token RTN {sink_rtn:.4g} GPTQ {sink_plain:.4g} capped {sink_cap:.4g}")
+    assert rest_plain > rest_rtn  # what the cap fixes
+    assert rest_cap < 0.95 * rest_rtn and rest_cap < 0.5 * rest_plain
+    assert sink_cap < 0.5 * sink_rtn

@@ -401,3 +401,19 @@ def test_group_aware_gptq_walks_mixed_group_sizes_sharing_an_input():
     assert Recipe.from_json(Recipe(rules=rules, method=GPTQ(group_aware=True)).to_json()).method == (
         GPTQ(group_aware=True),
     )
+
+
+def test_token_cap_reaches_every_hessian_the_walk_collects():
+    """A cap no token reaches changes nothing, bit for bit; a cap at the median norm (every
+    token above the median scaled down) changes the codes of every stage."""
+    data = calib(8, 32)
+    states = {}
+    for cap in (None, 1e9, 1.0):
+        model = tiny_llama()
+        lowbit.quantize(model, Recipe.uniform(W4, method=GPTQ(token_cap=cap)), calibration=data, progress=False)
+        states[cap] = model.state_dict()
+    keys = [k for k in states[None] if k.endswith(".qweight")]
+    assert keys and all(torch.equal(states[None][k], states[1e9][k]) for k in keys)
+    for rel in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        key = f"model.layers.1.{rel}.qweight"
+        assert not torch.equal(states[None][key], states[1.0][key]), rel

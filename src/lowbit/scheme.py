@@ -357,6 +357,11 @@ class GPTQ:
     chosen when it is reached, from the error-updated weights (as without act-order), instead of
     up front from the original weight. The stored layout is the plain contiguous grouping either
     way. Needs ``act_order=True``; channel and tensor granularity are unaffected.
+    ``token_cap``: None, or a number >= 1: before a token enters ``H``, its input is scaled down
+    to at most ``token_cap`` times the median token norm of its calibration window
+    (``lowbit.calibration.stats.cap_token_norms``), so that a few massive-activation tokens
+    (an attention sink at each window's first position) do not outweigh all the others. Not
+    combinable with ``fp_targets``.
     """
 
     damp: float = 0.01
@@ -370,6 +375,7 @@ class GPTQ:
     refine_scales: bool = False
     fp_targets: bool = False
     group_aware: bool = False
+    token_cap: Optional[float] = None
     name = "gptq"
     kind = "rounding"
     needs_calibration = True
@@ -383,6 +389,13 @@ class GPTQ:
         for f in ("act_order", "true_sequential", "clip_search", "refine_scales", "fp_targets", "group_aware"):
             if not isinstance(getattr(self, f), bool):
                 raise SchemeError(f"GPTQ.{f} must be True or False")
+        if self.token_cap is not None:
+            _check_range("GPTQ", "token_cap", self.token_cap, 1.0, 1e9)
+            if self.fp_targets:
+                raise SchemeError(
+                    "GPTQ(token_cap=...) reweights the Hessian's tokens, which fp_targets' cross-covariance "
+                    "does not follow; use one of token_cap and fp_targets"
+                )
         if self.group_aware and not self.act_order:
             raise SchemeError(
                 "GPTQ(group_aware=True) reorders act-order by groups and needs act_order=True; "

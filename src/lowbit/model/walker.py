@@ -614,7 +614,7 @@ class BlockWalker:
         per_layer = dataclasses.replace(rounding, fp_targets=False)
         for stage in stages:
             firsts = {g: block.get_submodule(g.linears[0]) for g in stage}
-            accs = {g: HessianAccumulator(get_weight(firsts[g]).shape[1]) for g in stage}
+            accs = {g: HessianAccumulator(get_weight(firsts[g]).shape[1], token_cap=rounding.token_cap) for g in stage}
             # stop right after the stage's last input is seen (forward order = structure order)
             stop = firsts[stage[-1]]
             crosses = None
