@@ -55,7 +55,7 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
     (``fp_targets``) and/or ``+refine`` (``refine_scales``), or ``sr`` (``SignRound`` from RTN) or
     ``srclip`` (``SignRound(start=GPTQ(clip_search=True))``), either with ``+fpt`` (``fp_targets``);
-    calibration: ``textNxL`` (state_union), ``dfNxL`` (data-free) or ``wikidiagNxL`` (diagnostic only:
+    calibration: ``textNxL`` (state_union), ``dfNxL`` (data-free; ``dfNxLtT``: sampled at temperature T) or ``wikidiagNxL`` (diagnostic only:
     WikiText-2 test text after the evaluation windows); GPTQ options: ``damp=X``,
     ``norm=X``, ``shrink=X``, ``grid=N``, ``cap=X`` (``token_cap``), ``noact`` (no act-order), ``gar`` (group-aware act-order); SignRound options:
     ``iters=N``, ``lr=X``, ``norange`` (round only, no range factors); any method: ``fpprop``
@@ -97,10 +97,16 @@ CALIBRATION_PREFIXES = ("text", "df", "wikidiag")
 
 
 def _size(key: str) -> tuple[int, int]:
-    """``"text32x512"`` / ``"df128x2048"`` / ``"wikidiag32x512"`` -> (windows, tokens per window)."""
+    """``"text32x512"`` / ``"df128x2048"`` / ``"df32x512t0.8"`` / ``"wikidiag32x512"`` -> (windows,
+    tokens per window)."""
     prefix = next(p for p in CALIBRATION_PREFIXES if key.startswith(p))
-    n, length = key[len(prefix) :].split("x")
+    n, length = key[len(prefix) :].split("t")[0].split("x")
     return int(n), int(length)
+
+
+def _temperature(key: str) -> float:
+    """The sampling temperature of a data-free key: ``"df32x512t0.8"`` -> 0.8, ``"df32x512"`` -> 1.0."""
+    return float(key.split("t", 1)[1]) if key.startswith("df") and "t" in key else 1.0
 
 
 def cmd_inputs(args) -> None:
@@ -126,7 +132,8 @@ def cmd_inputs(args) -> None:
     for path in args.data_free or []:
         d = torch.load(path, weights_only=False)
         n, length = d["ids"].shape
-        saved[f"df{n}x{length}"] = d["ids"]
+        temperature = d["description"].get("temperature", 1.0)
+        saved[f"df{n}x{length}" + ("" if temperature == 1.0 else f"t{temperature:g}")] = d["ids"]
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(saved, args.out)
     print({k: tuple(v.shape) for k, v in saved.items()})
@@ -140,12 +147,14 @@ def _calibration(key: str, inputs: dict, model, device, save_dir) -> torch.Tenso
             raise SystemExit(f"{key} is not in the inputs file; rerun `inputs`")
         n, length = _size(key)
         t = time.perf_counter()
+        temperature = _temperature(key)
         inputs[key] = sample_from_model(model, bos_token_id=model.config.bos_token_id, n_samples=n, seqlen=length,
-                                        seed=0, batch_size=min(n, 128) if device.type == "cuda" else 16).ids
+                                        seed=0, batch_size=min(n, 128) if device.type == "cuda" else 16,
+                                        temperature=temperature).ids
         print(f"[sampled {key} in {time.perf_counter() - t:.0f} s]", flush=True)
         if save_dir:  # so that a CPU rerun can use the very same samples (`inputs --data-free`)
-            torch.save({"ids": inputs[key], "description": {"source": "data-free", "seed": 0, "device": str(device)}},
-                       pathlib.Path(save_dir) / f"data-free-{n}x{length}.pt")
+            desc = {"source": "data-free", "seed": 0, "device": str(device), "temperature": temperature}
+            torch.save({"ids": inputs[key], "description": desc}, pathlib.Path(save_dir) / f"data-free-{key[2:]}.pt")
     return inputs[key]
 
 
