@@ -119,10 +119,14 @@ def test_half_precision_weight_gives_rtn_exactly():
 # ---------------------------------------------------------------------------
 # the algorithm itself
 # ---------------------------------------------------------------------------
-def _reference_gptq_static(w, scheme, h, damp, order):
-    """Unblocked GPTQ in float64 with the explicit OBS update of the inverse Hessian
-    (no Cholesky, no lazy batches); static qparams from the original weight."""
+def _reference_gptq(w, scheme, h, damp, order, dynamic_group=None):
+    """Unblocked GPTQ in float64 with the explicit OBS update of the inverse Hessian (no
+    Cholesky, no lazy batches), columns in ``order``. Parameters: static, from the original
+    weight (``dynamic_group`` None), or, with ``dynamic_group=G`` and whole groups contiguous in
+    ``order``, each group's from its current (error-updated) weights when it is reached.
+    Returns (codes, scales)."""
     qp = formats.choose_qparams(w, scheme)
+    scales = qp.scale.float().clone()
     n = w.shape[0]
     col_scheme = dataclasses.replace(scheme, granularity=Granularity.CHANNEL, group_size=None)
     perm = torch.tensor(order)
@@ -132,17 +136,21 @@ def _reference_gptq_static(w, scheme, h, damp, order):
     hinv = torch.linalg.inv(h[perm][:, perm])
     codes = torch.empty(w.shape, dtype=torch.uint8)
     for j, col in enumerate(order):
-        g = col // scheme.group_size if scheme.granularity is Granularity.GROUP else 0
-        s = qp.scale[:, g : g + 1].expand(n, 1)
-        z = None if qp.zero is None else qp.zero[:, g : g + 1].expand(n, 1)
-        cqp = formats.QParams(s, z)
+        if dynamic_group is None:
+            g = col // scheme.group_size if scheme.granularity is Granularity.GROUP else 0
+            s = qp.scale[:, g : g + 1].expand(n, 1)
+            z = None if qp.zero is None else qp.zero[:, g : g + 1].expand(n, 1)
+            cqp = formats.QParams(s, z)
+        elif j % dynamic_group == 0:
+            cqp = formats.choose_qparams(w[:, j : j + dynamic_group].float(), col_scheme)
+            scales[:, col // dynamic_group] = cqp.scale[:, 0].float()
         c = formats.quantize(w[:, j : j + 1].float(), cqp, col_scheme)
         codes[:, col] = c[:, 0]
         err = (w[:, j] - formats.dequantize(c, cqp, col_scheme)[:, 0].double()) / hinv[j, j]
         # OBS: update the columns not yet quantized, then drop column j from the inverse
         w[:, j + 1 :] -= torch.outer(err, hinv[j, j + 1 :])
         hinv[j + 1 :, j + 1 :] -= torch.outer(hinv[j + 1 :, j], hinv[j, j + 1 :]) / hinv[j, j]
-    return codes
+    return codes, scales
 
 
 @pytest.mark.parametrize(
@@ -159,7 +167,7 @@ def test_matches_unblocked_float64_reference(scheme, act_order):
     w = _weight(seed=5, shape=(24, k))
     h = _hessian(_correlated_inputs(400, k))
     order = torch.sort(h.diagonal(), descending=True, stable=True).indices.tolist() if act_order else list(range(k))
-    want = _reference_gptq_static(w, scheme, h, 0.01, order)
+    want, _ = _reference_gptq(w, scheme, h, 0.01, order)
     got = gptq(w, scheme, h, GPTQ(act_order=act_order, block_size=16)).codes()
     # float32 blocked vs float64 unblocked: a code can flip on a near-tie and then cascade
     # along its row, so ask for near-total agreement rather than equality
@@ -226,30 +234,6 @@ def test_group_aware_order_keeps_groups_contiguous():
         processing_order(diag, act_order=True, group_size=5)
 
 
-def _reference_gptq_group_aware(w, scheme, h, damp, order, gsize):
-    """Unblocked float64 GPTQ with explicit OBS updates in ``order`` (whole groups contiguous);
-    each group's parameters from the current (error-updated) weights when it is reached."""
-    n = w.shape[0]
-    col_scheme = dataclasses.replace(scheme, granularity=Granularity.CHANNEL, group_size=None)
-    perm = torch.tensor(order)
-    w = w.double()[:, perm]
-    h = h.double()
-    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.linalg.inv(h[perm][:, perm])
-    codes = torch.empty(w.shape, dtype=torch.uint8)
-    scales = torch.empty(n, w.shape[1] // gsize)
-    for j, col in enumerate(order):
-        if j % gsize == 0:
-            cqp = formats.choose_qparams(w[:, j : j + gsize].float(), col_scheme)
-            scales[:, col // gsize] = cqp.scale[:, 0].float()
-        c = formats.quantize(w[:, j : j + 1].float(), cqp, col_scheme)
-        codes[:, col] = c[:, 0]
-        err = (w[:, j] - formats.dequantize(c, cqp, col_scheme)[:, 0].double()) / hinv[j, j]
-        w[:, j + 1 :] -= torch.outer(err, hinv[j, j + 1 :])
-        hinv[j + 1 :, j + 1 :] -= torch.outer(hinv[j + 1 :, j], hinv[j, j + 1 :]) / hinv[j, j]
-    return codes, scales
-
-
 @pytest.mark.parametrize("block_size", [16, 40])  # 40: lazy blocks straddle groups
 def test_group_aware_matches_unblocked_float64_reference(block_size):
     k, gsize = 96, 32
@@ -257,7 +241,7 @@ def test_group_aware_matches_unblocked_float64_reference(block_size):
     w = _weight(seed=5, shape=(24, k))
     h = _hessian(_correlated_inputs(400, k))
     order = processing_order(h.diagonal(), act_order=True, group_size=gsize).tolist()
-    want_codes, want_scales = _reference_gptq_group_aware(w, scheme, h, 0.01, order, gsize)
+    want_codes, want_scales = _reference_gptq(w, scheme, h, 0.01, order, dynamic_group=gsize)
     got = gptq(w, scheme, h, GPTQ(group_aware=True, block_size=block_size))
     assert (got.codes() == want_codes).float().mean() >= 0.98
     first = order[:gsize]  # the first group sees no feedback before its parameters are chosen
