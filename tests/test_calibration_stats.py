@@ -177,6 +177,9 @@ def test_cap_token_norms_scales_only_tokens_above_the_cap():
     torch.testing.assert_close(capped[:, 0].norm(dim=-1), 10.0 * med)
     cos = torch.nn.functional.cosine_similarity(capped[:, 0], x[:, 0], dim=-1)
     torch.testing.assert_close(cos, torch.ones_like(cos))  # same direction
+    mostly_padding = torch.zeros(5, K)
+    mostly_padding[0, 0] = 7.0  # median norm 0: nothing to cap against, so no token is zeroed
+    assert torch.equal(cap_token_norms(mostly_padding, 10.0), mostly_padding)
     with pytest.raises(CalibrationError, match=">= 1"):
         cap_token_norms(x, 0.5)
 

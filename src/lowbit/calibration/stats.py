@@ -95,7 +95,7 @@ def cap_token_norms(x: torch.Tensor, cap: float) -> torch.Tensor:
     spends the layer on that one direction. Capping keeps each such token's direction at a
     weight comparable to ordinary tokens. The median is per window (the second-to-last
     dimension; a 2-D ``[L, in]`` is one window), so the result does not depend on how windows
-    are batched. Pure: ``x`` is not modified.
+    are batched; a window whose median norm is 0 is returned unchanged. Pure: ``x`` is not modified.
     """
     if not cap >= 1.0:
         raise CalibrationError(f"the token norm cap must be >= 1 (a multiple of the median norm), got {cap!r}")
@@ -104,7 +104,8 @@ def cap_token_norms(x: torch.Tensor, cap: float) -> torch.Tensor:
         return xf
     norms = xf.norm(dim=-1, keepdim=True)  # [..., L, 1]
     limit = cap * norms.median(dim=-2, keepdim=True).values  # [..., 1, 1]
-    factor = torch.where(norms > limit, limit / norms, torch.ones_like(norms))
+    # a window whose median token is all zeros (padding) has no scale to cap against: left as is
+    factor = torch.where((norms > limit) & (limit > 0), limit / norms, torch.ones_like(norms))
     return xf * factor
 
 
