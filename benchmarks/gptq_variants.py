@@ -44,13 +44,16 @@ FLAGS = {"noact": ("act_order", False), "gar": ("group_aware", True)}
 NUMERIC = {"damp": "damp", "norm": "clip_norm", "shrink": "max_shrink", "grid": "clip_grid", "cap": "token_cap"}
 # SignRound options: iters=N, lr=X, norange
 SR_NUMERIC = {"iters": "iters", "lr": "lr"}
+# end-to-end scale tuning after the rounding (E2ETuning), any method: tune=STEPS, tlr=X, tbs=N, tnorms
+TUNE_NUMERIC = {"tune": "steps", "tlr": "lr", "tbs": "batch_size"}
 EXAMPLES = ["rtn", "clip df32x512", "clip+fpt df32x512", "clip+refine df128x2048 damp=0.1", "gptq text32x512 noact fpprop",
-            "sr df32x512 iters=200", "sr df32x512 iters=100 lr=0.01 norange", "srclip df32x512 iters=100"]
+            "sr df32x512 iters=200", "sr df32x512 iters=100 lr=0.01 norange", "srclip df32x512 iters=100",
+            "clip df64x256 tune=32 tlr=0.002"]
 
 
-def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
+def parse_variant(name: str) -> tuple[str, dict | None, str | None, str, dict | None]:
     """``"<method> [<calibration>] [options]"`` -> (method kind ``"rtn"``/``"gptq"``/``"signround"``,
-    its keyword arguments, calibration key, propagate).
+    its keyword arguments, calibration key, propagate, E2ETuning keyword arguments or None).
 
     method: ``rtn``, ``gptq`` or ``clip`` (``GPTQ(clip_search=True)``), with ``+fpt``
     (``fp_targets``) and/or ``+refine`` (``refine_scales``), or ``sr`` (``SignRound`` from RTN) or
@@ -59,12 +62,14 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     WikiText-2 test text after the evaluation windows); GPTQ options: ``damp=X``,
     ``norm=X``, ``shrink=X``, ``grid=N``, ``cap=X`` (``token_cap``), ``noact`` (no act-order), ``gar`` (group-aware act-order); SignRound options:
     ``iters=N``, ``lr=X``, ``norange`` (round only, no range factors); any method: ``fpprop``
-    (next block sees full-precision outputs).
+    (next block sees full-precision outputs), ``tune=STEPS`` (then ``E2ETuning``: end-to-end scale
+    tuning by distillation on the same calibration windows) with ``tlr=X``, ``tbs=N`` (windows
+    per step), ``tnorms`` (norm weights too).
     """
     words = name.split()
     head = words[0].split("+")
     if head[0] == "rtn" and len(words) == 1 and len(head) == 1:
-        return "rtn", None, None, "quantized"
+        return "rtn", None, None, "quantized", None
     if head[0] not in ("gptq", "clip", "sr", "srclip") or len(words) < 2 or not words[1].startswith(CALIBRATION_PREFIXES):
         raise SystemExit(f"bad variant {name!r}; examples: {EXAMPLES}")
     kind = "signround" if head[0].startswith("sr") else "gptq"
@@ -78,9 +83,15 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
     _size(words[1])
     propagate = "quantized"
     numeric = SR_NUMERIC if kind == "signround" else NUMERIC
+    tune: dict = {}
     for w in words[2:]:
         if w == "fpprop":
             propagate = "full_precision"
+        elif w == "tnorms":
+            tune["norms"] = True
+        elif "=" in w and w.split("=")[0] in TUNE_NUMERIC:
+            k, v = w.split("=")
+            tune[TUNE_NUMERIC[k]] = float(v) if k == "tlr" else int(v)
         elif kind == "gptq" and w in FLAGS:
             opts[FLAGS[w][0]] = FLAGS[w][1]
         elif kind == "signround" and w == "norange":
@@ -90,7 +101,9 @@ def parse_variant(name: str) -> tuple[str, dict | None, str | None, str]:
             opts[numeric[k]] = int(v) if k in ("grid", "iters") else float(v)
         else:
             raise SystemExit(f"bad option {w!r} in variant {name!r}; examples: {EXAMPLES}")
-    return kind, opts, words[1], propagate
+    if tune and "steps" not in tune:
+        raise SystemExit(f"variant {name!r}: tlr/tbs/tnorms need tune=STEPS")
+    return kind, opts, words[1], propagate, (tune or None)
 
 
 CALIBRATION_PREFIXES = ("text", "df", "wikidiag")
@@ -164,7 +177,7 @@ def cmd_run(args) -> None:
     from lowbit.eval.compare import compare_many
     from lowbit.kernels.registry import use_kernel
     from lowbit.model.walker import WalkOptions
-    from lowbit.scheme import GPTQ, QuantScheme, Recipe, SignRound
+    from lowbit.scheme import GPTQ, E2ETuning, QuantScheme, Recipe, SignRound
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
     torch.backends.cudnn.allow_tf32 = False
@@ -184,10 +197,11 @@ def cmd_run(args) -> None:
         parse_variant(name)  # every name checked before any work
     rtn_delta = None
     for name in args.variants:
-        kind, opts, key, propagate = parse_variant(name)
+        kind, opts, key, propagate, tune = parse_variant(name)
         model = copy.deepcopy(fp32)
         method = {"rtn": lambda: "rtn", "gptq": lambda: GPTQ(**opts), "signround": lambda: SignRound(**opts)}[kind]()  # start: dict -> GPTQ
-        recipe = Recipe.uniform(QuantScheme(**{**SCHEME, "bits": args.bits}), method=method, indivisible_groups="shrink")
+        recipe = Recipe.uniform(QuantScheme(**{**SCHEME, "bits": args.bits}), method=method, indivisible_groups="shrink",
+                                tune=None if tune is None else E2ETuning(**tune))
         calib = None if key is None else CalibrationData(_calibration(key, inputs, fp32, device, args.save_sampled), {"source": key})
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -206,7 +220,7 @@ def cmd_run(args) -> None:
                "delta": delta, "share_of_rtn": None if rtn_delta is None else delta / rtn_delta,
                "kl": r.mean_kl, "top1": r.top1_agreement, "quantize_s": q_s, "device": str(device),
                "windows": list(windows.shape), "date": time.strftime("%Y-%m-%d"),
-               "notes": [n for n in report.notes if "signround" in n]}
+               "notes": [n for n in report.notes if "signround" in n or "e2e" in n], "tune": tune, "tuning": report.tuning}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         share = "-" if row["share_of_rtn"] is None else f"{row['share_of_rtn']:.3f}"

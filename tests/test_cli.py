@@ -374,3 +374,27 @@ def test_quantize_signround_from_the_cli(tiny_dir, tmp_path, capsys):
     assert manifest["recipe"]["method"] == "signround"
     assert manifest["recipe"]["method_options"][0]["iters"] == 200
     assert len(manifest["layers"]) == 14
+
+
+def test_quantize_with_scale_tuning_from_the_cli(tiny_dir, tmp_path, capsys):
+    """--tune-steps adds E2ETuning to the recipe (recorded with its result in the manifest);
+    --tune-lr alone, negative steps and tuning without --calib are clean errors."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "tuned.safetensors"
+    base = ["quantize", str(tiny_dir), "-o", str(out), "--bits", "3", "--group-size", "64", "--asym", "--no-progress"]
+    calib_flags = ["--calib", str(calib), "--calib-samples", "10", "--calib-seqlen", "16"]
+    rc, text, err = _run(capsys, base + calib_flags + ["--tune-steps", "3", "--tune-lr", "0.001"])
+    assert rc == 0, err
+    assert "e2e scale tuning: 3 steps on 2 windows" in text
+    manifest = read_manifest(out)
+    assert manifest["recipe"]["method"] == "rtn"
+    assert manifest["recipe"]["tune"]["steps"] == 3 and manifest["recipe"]["tune"]["lr"] == 0.001
+    assert manifest["tuning"]["steps"] == 3 and manifest["tuning"]["heldout_windows"] == 8
+    out.unlink()
+    for flags, message in ((["--tune-lr", "0.01"], "add --tune-steps"), (["--tune-steps", "-1"], "--tune-steps -1"),
+                           ([], None)):
+        argv = base + (flags if message else ["--tune-steps", "2"])
+        rc, _, err = _run(capsys, argv)
+        assert rc == 2 and (message or "--tune-steps needs calibration data") in err, err
+        assert not out.exists()

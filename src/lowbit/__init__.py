@@ -24,7 +24,7 @@ from lowbit.errors import (  # noqa: E402
     TruncatedCheckpointError,
     UnsupportedModelError,
 )
-from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, Granularity, LLMInt8, QuantScheme, Recipe, Rule, SignRound, SmoothQuant  # noqa: E402
+from lowbit.scheme import AWQ, GPTQ, HQQ, RTN, E2ETuning, Granularity, LLMInt8, QuantScheme, Recipe, Rule, SignRound, SmoothQuant  # noqa: E402
 
 
 # `AutoModelForCausalLM.from_pretrained` of lowbit directories: registers the "lowbit" quantizer

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import pathlib
 from typing import Any, Optional, Union
 
@@ -15,7 +16,7 @@ from torch import nn
 
 import torch
 
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, SchemeError
 from lowbit.io.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from lowbit.kernels.registry import use_kernel
 from lowbit.model.swap import QuantizationReport, quantize_model
@@ -34,8 +35,9 @@ def _calibration(model: nn.Module, calibration: Any, recipe: Recipe):
     from lowbit.calibration.data import as_calibration, sample_from_model
 
     if calibration is None:
+        who = f"method {recipe.method_name!r}" if recipe.method_needs_calibration else "E2ETuning (recipe.tune)"
         raise CalibrationError(
-            f"method {recipe.method_name!r} needs calibration data: pass calibration="
+            f"{who} needs calibration data: pass calibration="
             "lowbit.calibration.from_texts(path_or_texts, tokenizer, n_samples=..., seqlen=...), "
             f"a [n, seqlen] tensor of token ids, or {DATA_FREE!r} to sample it from the model itself"
         )
@@ -60,18 +62,29 @@ def quantize(
     Methods that need calibration (GPTQ, AWQ, SmoothQuant) walk the model block by block
     (``lowbit.model.walker``) over ``calibration``: ``CalibrationData``, an int64 ``[n, seqlen]``
     tensor of token ids, or ``"data-free"`` (32 windows of 512 tokens sampled from the model).
+    ``recipe.tune`` (``E2ETuning``) then tunes every layer's scales end to end against a copy of
+    the full-precision model kept for the purpose (``lowbit.qat.tune_scales``) on the same windows.
     """
     if isinstance(recipe, QuantScheme):
         recipe = Recipe.uniform(recipe)
-    if recipe.needs_calibration:
-        data = _calibration(model, calibration, recipe)
+    data = _calibration(model, calibration, recipe) if recipe.needs_calibration else None
+    # end-to-end tuning distils from the full-precision model: keep a copy before rounding
+    reference = copy.deepcopy(model) if recipe.tune is not None else None
+    if recipe.method_needs_calibration:
         report = quantize_sequential(
             model, recipe, data, adapter=adapter, options=options or WalkOptions(), progress=progress
         )
     else:
         report = quantize_model(model, recipe, progress=progress)
-        if calibration is not None:
+        if calibration is not None and reference is None:
             report.notes.append(f"method {recipe.method_name!r} uses no calibration data; the data given was not used")
+    if reference is not None:
+        from lowbit.qat import tune_scales
+
+        result = tune_scales(model, reference, data.ids, recipe.tune, progress=progress)
+        del reference
+        report.tuning = result.to_dict()
+        report.notes.append(result.note())
     model.lowbit_report = report
     return report
 
@@ -100,6 +113,11 @@ def quantize_from_disk(
 
     if isinstance(recipe, QuantScheme):
         recipe = Recipe.uniform(recipe)
+    if recipe.tune is not None:
+        raise SchemeError(
+            "E2ETuning needs the whole full-precision model in memory next to the quantized one, and "
+            "quantize_from_disk streams block by block: use lowbit.quantize, or a recipe with tune=None"
+        )
     model, tokenizer, source = open_skeleton(model_dir)
     if calibration is None and recipe.needs_calibration:
         raise CalibrationError(

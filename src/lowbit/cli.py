@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 from lowbit.errors import CalibrationError, LowbitError, ModelSourceError, SchemeError, UnsupportedModelError
 from lowbit.scheme import (
     DEFAULT_SKIP_PATTERN,
+    E2ETuning,
     FORMATS,
     INDIVISIBLE_POLICIES,
     INT_BITS,
@@ -62,6 +63,8 @@ RECIPE_FLAGS = (
     "--format",
     "--double-quant",
     "--fp8-activations",
+    "--tune-steps",
+    "--tune-lr",
 )
 
 # The demo's two quantized rows. Neither is W4 g32 asymmetric, whose numbers
@@ -346,7 +349,12 @@ def recipe_from_args(args: argparse.Namespace, explicit: Sequence[str]) -> Recip
         double_quant=args.double_quant,
     )
     rules = [Rule(DEFAULT_SKIP_PATTERN, None)] + [Rule(p, None) for p in args.skip or ()] + [Rule(".*", scheme)]
-    return Recipe(rules=tuple(rules), method=args.method, indivisible_groups=args.indivisible_groups)
+    if args.tune_steps < 0:
+        raise SchemeError(f"--tune-steps {args.tune_steps}: pass 0 (no tuning) or a positive number of steps")
+    tune = E2ETuning(steps=args.tune_steps, lr=args.tune_lr) if args.tune_steps else None
+    if tune is None and "--tune-lr" in explicit:
+        raise SchemeError("--tune-lr applies to end-to-end scale tuning; add --tune-steps N")
+    return Recipe(rules=tuple(rules), method=args.method, indivisible_groups=args.indivisible_groups, tune=tune)
 
 
 def _rule_text(rule: dict) -> str:
@@ -436,7 +444,8 @@ def _calibration_from_args(args, model, tokenizer, recipe, progress):
         return None
     if args.calib is None:
         raise CalibrationError(
-            f"method {recipe.method_name!r} needs calibration data: pass --calib PATH (a text or jsonl file, "
+            f"{'method ' + repr(recipe.method_name) if recipe.method_needs_calibration else '--tune-steps'} "
+            "needs calibration data: pass --calib PATH (a text or jsonl file, "
             "or a folder of them) or --calib data-free (sampled from the model itself)"
         )
     with _busy("preparing calibration data", progress):
@@ -920,6 +929,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the next block sees: the quantized block's outputs (default) or full-precision ones")
     cg.add_argument("--offload", choices=OFFLOAD, default="memory",
                     help="keep calibration activations in memory or spill them to disk")
+    cg.add_argument("--tune-steps", type=int, default=0, metavar="N",
+                    help="after rounding, tune every layer's scales end to end for N steps by distillation from the "
+                         "full-precision model on the calibration windows (E2ETuning; keeps both models in memory; "
+                         "0: off)")
+    cg.add_argument("--tune-lr", type=float, default=E2ETuning().lr, metavar="LR",
+                    help=f"step size of the scale tuning (on each scale's log; default {E2ETuning().lr:g})")
     cg.add_argument("--stream", action="store_true",
                     help="SOURCE is a Hugging Face safetensors directory: read and quantize it block by block "
                          "without loading the whole model")

@@ -541,6 +541,55 @@ class LLMInt8:
         _check_range("LLMInt8", "threshold", self.threshold, 1e-6, 1e6)
 
 
+@dataclass(frozen=True)
+class E2ETuning:
+    """End-to-end tuning of the quantization scales after rounding, the integer codes fixed
+    (EfficientQAT's E2E-QP, Chen et al. 2024; PEQA, Kim et al. 2023): every quantized layer's
+    scales are trained jointly by distillation, the loss being the KL divergence from the
+    full-precision model's next-token distribution to the quantized model's on the calibration
+    windows (``lowbit.qat.tune_scales``). GPTQ and its peers fit each layer or block to its own
+    outputs; this fits the whole model to the full-precision model's outputs, so a layer can make
+    up for the error that layers before it left.
+
+    ``steps``: optimisation steps, ``batch_size`` calibration windows each; ``lr``: Adam's step
+    on each scale's log (a relative step; cosine decay to 0); ``norms``: also train the
+    normalisation weights and biases (every 1-D parameter outside the quantized layers and the
+    embeddings); ``holdout``: the last calibration windows are kept out of training, and the tuned
+    scales are kept only if they lower the KL on them (else the rounding's scales stay);
+    ``seed``: the batch order. Needs the full-precision model in memory next to the quantized
+    one, and calibration data whatever the rounding method.
+    """
+
+    steps: int = 32
+    lr: float = 2e-3
+    batch_size: int = 4
+    norms: bool = False
+    holdout: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("E2ETuning", "steps", self.steps, 1, 1_000_000, integer=True)
+        _check_range("E2ETuning", "lr", self.lr, 1e-8, 1.0)
+        _check_range("E2ETuning", "batch_size", self.batch_size, 1, 1_000_000, integer=True)
+        _check_range("E2ETuning", "holdout", self.holdout, 1, 1_000_000, integer=True)
+        _check_range("E2ETuning", "seed", self.seed, 0, 2**63 - 1, integer=True)
+        if not isinstance(self.norms, bool):
+            raise SchemeError("E2ETuning.norms must be True or False")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "E2ETuning":
+        if not isinstance(d, dict):
+            raise SchemeError(f"recipe 'tune' must be a JSON object of E2ETuning options, got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SchemeError(f"unknown E2ETuning options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
 METHOD_SPECS = {cls.name: cls for cls in (RTN, GPTQ, AWQ, HQQ, SignRound, SmoothQuant, LLMInt8)}
 METHODS = tuple(METHOD_SPECS)
 MethodSpec = "RTN | GPTQ | AWQ | HQQ | SignRound | SmoothQuant | LLMInt8"
@@ -621,6 +670,7 @@ class Recipe:
     rules: tuple[Rule, ...]
     method: Any = "rtn"  # a name ("awq+gptq"), a spec (GPTQ()), or a sequence of specs
     indivisible_groups: str = "error"
+    tune: Optional[E2ETuning] = None  # end-to-end scale tuning after the rounding (None: none)
     VERSION: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -652,6 +702,8 @@ class Recipe:
                     "(QuantScheme(bits=8, granularity='channel', activations='int8')), "
                     f"got {r.scheme.short_name}"
                 )
+        if self.tune is not None:
+            self._check_tunable(rules)
         if self.indivisible_groups not in INDIVISIBLE_POLICIES:
             raise SchemeError(
                 f"indivisible_groups={self.indivisible_groups!r}; use one of {INDIVISIBLE_POLICIES}"
@@ -662,6 +714,20 @@ class Recipe:
         """One scheme for every linear layer except the skipped patterns (output heads by default)."""
         rules = tuple(Rule(p, None) for p in skip) + (Rule(".*", scheme),)
         return cls(rules=rules, **kw)
+
+    def _check_tunable(self, rules: tuple[Rule, ...]) -> None:
+        if not isinstance(self.tune, E2ETuning):
+            raise SchemeError(f"Recipe.tune must be None or an E2ETuning spec, got {type(self.tune).__name__}")
+        for r in rules:
+            if r.scheme is None:
+                continue
+            if r.scheme.double_quant or r.scheme.activations is not None:
+                raise SchemeError(
+                    f"rule {r.pattern!r}: E2ETuning trains plain stored scales, and scheme {r.scheme.short_name} "
+                    "stores double-quantized scales or quantizes activations; use tune=None for this recipe"
+                )
+            if self.method[-1].name == "llm_int8":
+                raise SchemeError("E2ETuning does not tune LLM.int8 outlier splits; use tune=None")
 
     @property
     def method_name(self) -> str:
@@ -677,8 +743,14 @@ class Recipe:
         return self.method[:-1]
 
     @property
-    def needs_calibration(self) -> bool:
+    def method_needs_calibration(self) -> bool:
+        """Whether choosing the codes needs calibration data (GPTQ, AWQ, ...: the block walker)."""
         return any(s.needs_calibration for s in self.method)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether anything in the recipe needs calibration data (the method, or the tuning)."""
+        return self.tune is not None or self.method_needs_calibration
 
     def match(self, name: str) -> tuple[int, Optional[QuantScheme]]:
         """Index of the first matching rule and its scheme; SchemeError when none matches."""
@@ -711,6 +783,7 @@ class Recipe:
             "method": self.method_name,
             "method_options": [method_to_dict(m) for m in self.method],
             "indivisible_groups": self.indivisible_groups,
+            **({} if self.tune is None else {"tune": self.tune.to_dict()}),
             "rules": [
                 {"pattern": r.pattern, "scheme": None if r.scheme is None else r.scheme.to_dict()}
                 for r in self.rules
@@ -745,6 +818,7 @@ class Recipe:
             rules=rules,
             method=method,
             indivisible_groups=d.get("indivisible_groups", "error"),
+            tune=None if d.get("tune") is None else E2ETuning.from_dict(d["tune"]),
         )
 
     @classmethod

@@ -118,6 +118,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         "skipped": [] if report is None else [vars(s) for s in report.skipped],
         "notes": [] if report is None else list(report.notes),
         "calibration": None if report is None else report.calibration,
+        **({} if report is None or report.tuning is None else {"tuning": report.tuning}),
         "tensors": {k: {"shape": list(v.shape), "dtype": _ST_DTYPES[v.dtype]} for k, v in tensors.items()},
         "aliases": aliases,
     }
@@ -456,6 +457,7 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         report.skipped = [SkipRecord(**s) for s in manifest.get("skipped", [])]
         report.notes = list(manifest.get("notes", []))
         report.calibration = manifest.get("calibration")
+        report.tuning = manifest.get("tuning")
         model.lowbit_report = report
     model.lowbit_manifest = manifest
     model.eval()

@@ -55,6 +55,7 @@ class QuantizationReport:
     skipped: list[SkipRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: Optional[dict] = None  # what the calibration data was (None: no calibration)
+    tuning: Optional[dict] = None  # end-to-end scale tuning (lowbit.qat.TuningResult), if any
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +64,7 @@ class QuantizationReport:
             "layers": [asdict(r) for r in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
+            **({} if self.tuning is None else {"tuning": self.tuning}),
         }
 
     @property
@@ -196,7 +198,7 @@ def install_quantized(
 def quantize_model(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> QuantizationReport:
     """Quantize every linear layer of ``model`` in place, without calibration data
     (rounding methods that need none: RTN, HQQ)."""
-    if recipe.needs_calibration:
+    if recipe.method_needs_calibration:
         raise CalibrationError(
             f"method {recipe.method_name!r} needs calibration data; pass calibration=... to lowbit.quantize "
             "(lowbit.calibration.from_texts(...), or 'data-free' to sample it from the model)"
