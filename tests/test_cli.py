@@ -391,6 +391,8 @@ def test_quantize_with_scale_tuning_from_the_cli(tiny_dir, tmp_path, capsys):
     assert manifest["recipe"]["method"] == "rtn"
     assert manifest["recipe"]["tune"]["steps"] == 3 and manifest["recipe"]["tune"]["lr"] == 0.001
     assert manifest["tuning"]["steps"] == 3 and manifest["tuning"]["heldout_windows"] == 8
+    rc, text, _ = _run(capsys, ["inspect", str(out)])
+    assert rc == 0 and "tuned:  e2e scales, 3 steps, lr 0.001; held-out KL" in text
     out.unlink()
     for flags, message in ((["--tune-lr", "0.01"], "add --tune-steps"), (["--tune-steps", "-1"], "--tune-steps -1"),
                            ([], None)):

@@ -534,6 +534,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _out(f"recipe:         method {recipe.get('method')}, indivisible_groups={recipe.get('indivisible_groups')!r}")
         for i, rule in enumerate(recipe["rules"]):
             _out(f"  rule {i}: {_rule_text(rule)}")
+        if recipe.get("tune"):
+            t, result = recipe["tune"], manifest.get("tuning") or {}
+            outcome = ("" if not result else f"; held-out KL {result['heldout_kl_before']:.4f} -> "
+                       f"{result['heldout_kl_after']:.4f}, {'kept' if result['kept'] else 'not kept'}")
+            _out(f"  tuned:  e2e scales, {t['steps']} steps, lr {t['lr']:g}{', norms too' if t['norms'] else ''}{outcome}")
     _out("")
     _out(f"quantized layers ({len(s['layers'])}):")
     rows = [
