@@ -1,6 +1,7 @@
 """llama.cpp itself on lowbit's GGUF files (skipped unless llama-cpp-python is installed;
 ``scripts/test.sh``, which CI runs, installs it and sets ``LOWBIT_REQUIRE_LLAMACPP=1`` so
-that a missing package fails there instead of skipping).
+that a missing package fails there instead of skipping). llama.cpp runs in child
+processes (``llamacpp_child``): a native crash fails one test, not the session.
 
 * ``llama_model_quantize`` (llama.cpp's own quantizer and type mix) applied to
   our F32 export produces, tensor for tensor, the very bytes and types that
@@ -12,8 +13,8 @@ that a missing package fails there instead of skipping).
 
 from __future__ import annotations
 
-import ctypes
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -23,13 +24,14 @@ from gguf import GGUFReader
 
 from lowbit.io.gguf import export_gguf, import_gguf, mix
 
+import llamacpp_child
 from gguf_helpers import write_tokenizer_gguf
 from tiny_models import random_ids
 
-if os.environ.get("LOWBIT_REQUIRE_LLAMACPP") == "1":
-    import llama_cpp
-else:
-    llama_cpp = pytest.importorskip("llama_cpp")
+if not llamacpp_child.installed():
+    if os.environ.get("LOWBIT_REQUIRE_LLAMACPP") == "1":
+        raise RuntimeError("LOWBIT_REQUIRE_LLAMACPP=1 but llama-cpp-python is not installed; run scripts/setup_interop.sh")
+    pytest.skip("llama-cpp-python is not installed (scripts/setup_interop.sh builds it)", allow_module_level=True)
 
 
 def small_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -57,11 +59,7 @@ def test_export_equals_llama_quantize(files, ftype):
     ours = d / f"ours-{ftype}.gguf"
     theirs = d / f"llama-{ftype}.gguf"
     export_gguf(model, ours, ftype, source_gguf=tok)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(mix.FTYPES[ftype][1])
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(d / "f32.gguf").encode(), str(theirs).encode(), ctypes.byref(params))
-    assert rc == 0
+    llamacpp_child.run("quantize", d / "f32.gguf", theirs, int(mix.FTYPES[ftype][1]))
     a = {t.name: t for t in GGUFReader(str(ours)).tensors}
     b = {t.name: t for t in GGUFReader(str(theirs)).tensors}
     assert set(a) == set(b)
@@ -79,15 +77,29 @@ def test_llama_cpp_logits_match_lowbit(files, ftype):
     path = d / f"run-{ftype}.gguf"
     export_gguf(model, path, ftype, source_gguf=tok)
     ids = random_ids(1, 32, seed=3)[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
+    out = d / f"logits-{ftype}.npy"
+    llamacpp_child.run("logits", path, ",".join(map(str, ids)), out)
+    theirs = np.load(out)
+    assert theirs.shape == (len(ids), model.config.vocab_size)
     with torch.no_grad():
         ours = import_gguf(path)(torch.tensor([ids])).logits[0].numpy()
     scale = float(np.abs(ours).max())
     assert np.abs(theirs - ours).max() < 0.02 * scale + 1e-3
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+def test_a_native_crash_fails_one_test_and_names_the_signal(tmp_path):
+    """The harness itself: a child that dies of SIGILL (what ggml's AMX path did) is one failure
+    whose message names the signal and the command, and this process lives on."""
+    with pytest.raises(pytest.fail.Exception) as e:
+        llamacpp_child.run("selftest-signal", int(signal.SIGILL))
+    assert "SIGILL" in str(e.value) and "selftest-signal" in str(e.value)
+
+
+def test_a_build_for_another_cpu_is_refused_with_the_rebuild_command(tmp_path):
+    record = tmp_path / "llama_cpp_build.json"
+    record.write_text('{"isa": "avx512", "required_cpu_flags": "avx2 avx512f avx512_bf16"}')
+    why = llamacpp_child.cpu_mismatch(record, flags={"avx2", "fma"})
+    assert "avx512_bf16" in why and "avx512f" in why and "LOWBIT_LLAMACPP_ISA=avx2" in why
+    assert llamacpp_child.cpu_mismatch(record, flags={"avx2", "avx512f", "avx512_bf16", "fma"}) is None
+    assert llamacpp_child.cpu_mismatch(tmp_path / "absent.json") is None
