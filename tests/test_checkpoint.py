@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tiny_models import LLAMA_LINEARS, tiny_gpt2, tiny_llama
+from tiny_models import LLAMA_LINEARS, LLAMA_NORMS, tiny_gpt2, tiny_llama
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import lowbit
@@ -43,6 +43,7 @@ import lowbit.io
 import lowbit.io.checkpoint as ckpt
 from lowbit import formats, packing
 from lowbit.errors import CheckpointError, ManifestError, TensorMismatchError, TruncatedCheckpointError
+from lowbit.io.digest import bytes_digest, tensor_digest
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe, Rule
 
@@ -179,7 +180,7 @@ def test_tied_embedding_and_lm_head_are_one_parameter(rt):
 
 def test_manifest_records_everything(rt):
     m = lowbit.io.read_manifest(rt.path)
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["lowbit_version"] == lowbit.__version__
     assert m["recipe"] == rt.recipe.to_dict()
     assert Recipe.from_dict(m["recipe"]) == rt.recipe
@@ -206,7 +207,9 @@ def test_manifest_records_everything(rt):
     skipped = {s["name"]: s["reason"] for s in m["skipped"]}
     assert "embedding" in skipped["model.embed_tokens"]
     assert "rule 0" in skipped["lm_head"] and "full precision" in skipped["lm_head"]
-    skipped_linears = sorted(n for n in skipped if n not in ("model.embed_tokens", "lm_head"))
+    for norm in LLAMA_NORMS:
+        assert skipped[norm] == "LlamaRMSNorm: kept in full precision (not a linear layer)"
+    skipped_linears = sorted(n for n in skipped if n not in ("model.embed_tokens", "lm_head", *LLAMA_NORMS))
     assert skipped_linears == sorted(set(LLAMA_LINEARS) - set(quantized))
     if rt.recipe is MIXED:
         assert skipped_linears == ["model.layers.1.mlp.down_proj"]
@@ -218,7 +221,7 @@ def test_manifest_records_everything(rt):
     assert set(m["tensors"]) == set(stored)
     dt = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
     for k, t in stored.items():
-        assert m["tensors"][k] == {"shape": list(t.shape), "dtype": dt[t.dtype]}, k
+        assert m["tensors"][k] == {"shape": list(t.shape), "dtype": dt[t.dtype], "digest": tensor_digest(t)}, k
     # every tensor of the model is either stored or an alias of a stored one
     assert set(rt.model.state_dict()) == set(stored) | set(m["aliases"])
 
@@ -370,7 +373,7 @@ def test_custom_module_round_trip_with_skeleton(mlp_file, on_meta):
     m = lowbit.io.read_manifest(path)
     assert m["model"] == {"kind": "module", "class": f"{__name__}.TinyMLP"}
     assert m["layers"]["up"]["bias"] is True and m["layers"]["down"]["bias"] is False
-    assert {s["name"] for s in m["skipped"]} == {"head"}
+    assert {s["name"] for s in m["skipped"]} == {"head", "norm"}
 
 
 def test_custom_module_without_skeleton_says_to_pass_one(mlp_file):
@@ -433,10 +436,14 @@ def expect(err: type, path, match: str):
 
 
 def with_manifest(good, tmp_path, edit) -> Path:
+    """The good file with its manifest edited and its manifest digest recomputed, so that the
+    checks of the manifest's meaning (not the digest check) must catch the edit."""
     _, _, header, data, manifest = good
     header, manifest = copy.deepcopy(header), copy.deepcopy(manifest)
     edit(manifest)
-    header["__metadata__"]["lowbit_manifest"] = json.dumps(manifest)
+    text = json.dumps(manifest)
+    header["__metadata__"]["lowbit_manifest"] = text
+    header["__metadata__"]["lowbit_manifest_digest"] = bytes_digest(text.encode())
     return write_raw(tmp_path / "edited.safetensors", header, data)
 
 
@@ -500,8 +507,8 @@ def test_plain_safetensors_without_lowbit_metadata(tmp_path):
 
 
 def test_wrong_format_version(good, tmp_path):
-    p = with_manifest(good, tmp_path, lambda m: m.update(format_version=2))
-    expect(ManifestError, p, "format_version 2; .* reads version 1 .*upgrade lowbit")
+    p = with_manifest(good, tmp_path, lambda m: m.update(format_version=3))
+    expect(ManifestError, p, "format_version 3; .* reads versions 1, 2 .*upgrade lowbit")
     p = with_manifest(good, tmp_path, lambda m: m.pop("format_version"))
     expect(ManifestError, p, "format_version None")
 

@@ -80,7 +80,7 @@ def test_inspect_json_dumps_the_manifest(tiny_ckpt, capsys):
     rc, out, _ = _run(capsys, ["inspect", str(tiny_ckpt), "--json"])
     assert rc == 0
     manifest = json.loads(out)
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert len(manifest["layers"]) == 14
     assert manifest["layers"]["model.layers.1.mlp.down_proj"]["in_features"] == 192
 

@@ -274,13 +274,17 @@ def test_save_load_gives_identical_logits(fz_file):
 
 
 def _rewritten(path, tmp_path, name, new_tensor, manifest_edit=None) -> Path:
-    """``path`` with tensor ``name`` replaced; optionally the manifest edited too."""
+    """``path`` with tensor ``name`` replaced; optionally the manifest edited too (and its digest
+    recomputed, so that the checks of the manifest's meaning, not the digest, must object)."""
+    from lowbit.io.digest import bytes_digest
+
     header, _ = header_and_data(path)
     meta = dict(header["__metadata__"])
     if manifest_edit is not None:
         m = json.loads(meta["lowbit_manifest"])
         manifest_edit(m)
         meta["lowbit_manifest"] = json.dumps(m)
+        meta["lowbit_manifest_digest"] = bytes_digest(meta["lowbit_manifest"].encode())
     tensors = load_file(str(path))
     if name is not None:
         tensors[name] = new_tensor(tensors[name])

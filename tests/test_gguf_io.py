@@ -237,7 +237,7 @@ def test_truncated_file_names_the_tensor(tmp_path, good_file):
     with pytest.raises(TruncatedCheckpointError, match=r"tensor 'output_norm.weight'|truncated"):
         import_gguf(bad)
     bad.write_bytes(data[:200])  # cut inside the metadata
-    with pytest.raises(TruncatedCheckpointError, match="malformed or truncated"):
+    with pytest.raises(TruncatedCheckpointError, match="truncated"):
         import_gguf(bad)
 
 

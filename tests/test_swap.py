@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tiny_models import GPT2_LINEARS, LLAMA_LINEARS, tiny_gpt2
+from tiny_models import GPT2_LINEARS, GPT2_NORMS, LLAMA_LINEARS, LLAMA_NORMS, tiny_gpt2
 from tiny_models import tiny_llama as _tiny_llama
 from lowbit.errors import SchemeError, UnsupportedModelError
 from lowbit.formats import fake_quantize, sqnr_db
@@ -78,7 +78,7 @@ def test_llama(scheme):
     with torch.no_grad():
         fp_logits = model(ids).logits
     report = quantize_model(model, recipe, progress=False)
-    check_swapped(model, report, LLAMA_LINEARS, ["model.embed_tokens", "lm_head"])
+    check_swapped(model, report, LLAMA_LINEARS, ["model.embed_tokens", "lm_head", *LLAMA_NORMS])
     assert isinstance(model.lm_head, nn.Linear)
     reasons = {s.name: s.reason for s in report.skipped}
     assert "embedding" in reasons["model.embed_tokens"]
@@ -112,7 +112,7 @@ def test_llama_report_sqnr_matches_formats():
         assert rec.bits_per_weight == pytest.approx(4 + 32 / 32)
     d = report.to_dict()
     assert Recipe.from_dict(d["recipe"]) == report.recipe
-    assert len(d["layers"]) == 14 and len(d["skipped"]) == 2
+    assert len(d["layers"]) == 14 and len(d["skipped"]) == 2 + len(LLAMA_NORMS)
 
 
 def test_gpt2_conv1d():
@@ -121,7 +121,7 @@ def test_gpt2_conv1d():
     ref = fake_quantized_copy(model, recipe)
     ids = tokens(1)
     report = quantize_model(model, recipe, progress=False)
-    check_swapped(model, report, GPT2_LINEARS, ["transformer.wte", "transformer.wpe", "lm_head"])
+    check_swapped(model, report, GPT2_LINEARS, ["transformer.wte", "transformer.wpe", "lm_head", *GPT2_NORMS])
     shapes = {r.name: (r.source, r.in_features, r.out_features) for r in report.layers}
     assert shapes["transformer.h.0.attn.c_attn"] == ("Conv1D", 64, 192)
     assert shapes["transformer.h.1.mlp.c_fc"] == ("Conv1D", 64, 256)
@@ -215,3 +215,64 @@ def test_model_without_linears():
         quantize_model(nn.Sequential(nn.Embedding(10, 4), nn.ReLU(), nn.LayerNorm(4)), Recipe.uniform(W4G32))
     with pytest.raises(UnsupportedModelError):
         quantize_model(nn.Linear(64, 64), Recipe.uniform(W4G32))
+
+
+class TinyCNN(nn.Module):
+    """Convolutions, a norm, an embedding, a bare parameter and one linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.act = nn.ReLU()
+        self.pos = nn.Embedding(4, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 32)
+        self.gain = nn.Parameter(torch.ones(32))  # on the model itself
+
+
+def test_every_module_with_weights_is_quantized_or_listed_as_skipped(tmp_path):
+    import lowbit
+
+    model = TinyCNN()
+    report = lowbit.quantize(model, Recipe.uniform(W4G32), progress=False)  # the head rule may match nothing
+    assert [r.name for r in report.layers] == ["fc"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert sorted(reasons) == ["<model>", "bn", "conv1", "conv2", "norm", "pos"]
+    assert reasons["conv1"].startswith("Conv2d: kept in full precision") and "linear layers only" in reasons["conv1"]
+    assert reasons["bn"] == "BatchNorm2d: kept in full precision (not a linear layer)"
+    assert reasons["norm"] == "LayerNorm: kept in full precision (not a linear layer)"
+    assert "embedding" in reasons["pos"] and "TinyCNN" in reasons["<model>"]
+    # ... and the manifest records them with the same reasons
+    lowbit.save(model, tmp_path / "cnn.safetensors")
+    assert {s["name"]: s["reason"] for s in lowbit.read_manifest(tmp_path / "cnn.safetensors")["skipped"]} == reasons
+
+
+@pytest.mark.parametrize("pattern, names", [
+    (r"conv.*", ["conv1 (Conv2d)", "conv2 (Conv2d)"]),
+    (r"pos", ["pos (Embedding)"]),
+    (r"norm", ["norm (LayerNorm)"]),
+])
+@pytest.mark.parametrize("scheme", [W8C, None], ids=["quantize", "skip"])
+def test_rule_aimed_at_a_module_lowbit_cannot_quantize_is_an_error(pattern, names, scheme):
+    model = TinyCNN()
+    recipe = Recipe(rules=(Rule(pattern, scheme), Rule(".*", W4G32)))
+    with pytest.raises(SchemeError) as ei:
+        quantize_model(model, recipe, progress=False)
+    msg = str(ei.value)
+    assert f"rule 0 ({pattern!r})" in msg and "no linear layer" in msg
+    for n in names:
+        assert n in msg
+    assert isinstance(model.fc, nn.Linear)  # untouched
+
+
+def test_rule_that_matches_nothing_is_an_error():
+    model = tiny_llama()
+    recipe = Recipe(rules=(Rule(r"lm_head", None), Rule(r".*\.q_prj", None), Rule(".*", W4G32)))
+    with pytest.raises(SchemeError, match=r"rule 1 \('.*q_prj'\) matches no module of LlamaForCausalLM"):
+        quantize_model(model, recipe, progress=False)
+    # a rule that reaches the linears inside a module is fine; one naming only the container is not
+    quantize_model(tiny_llama(), Recipe(rules=(Rule(r"model\.layers\.0\.mlp\..*", None), Rule(".*", W4G32))), progress=False)
+    with pytest.raises(SchemeError, match=r"model\.layers\.0\.mlp \(LlamaMLP\) but no linear layer"):
+        quantize_model(tiny_llama(), Recipe(rules=(Rule(r"model\.layers\.0\.mlp", None), Rule(".*", W4G32))), progress=False)

@@ -16,6 +16,9 @@ LLAMA_BLOCK_LINEARS = (
 )
 LLAMA_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in LLAMA_BLOCK_LINEARS]
 GPT2_LINEARS = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+# modules with weights that are not linear layers: kept in full precision, listed as skipped
+LLAMA_NORMS = [f"model.layers.{i}.{p}" for i in range(2) for p in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+GPT2_NORMS = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("ln_1", "ln_2")] + ["transformer.ln_f"]
 
 
 def llama_config(intermediate_size: int = 256, tie: bool = True) -> transformers.LlamaConfig:

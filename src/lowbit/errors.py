@@ -55,3 +55,8 @@ class ManifestError(CheckpointError):
 
 class TensorMismatchError(CheckpointError):
     """A tensor in the file does not match the manifest or the model skeleton (name, shape or dtype)."""
+
+
+class IntegrityError(CheckpointError):
+    """A checkpoint whose bytes differ from the digests recorded when it was written (a corrupted
+    copy, a flipped bit, an edit), or one that carries no digests to check."""

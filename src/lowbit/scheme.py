@@ -114,6 +114,8 @@ class QuantScheme:
                     f"unknown granularity {self.granularity!r}; use one of "
                     f"{[g.value for g in Granularity]}"
                 ) from None
+        if not isinstance(self.granularity, Granularity):
+            raise SchemeError(f"granularity must be one of {[g.value for g in Granularity]}, got {self.granularity!r}")
         if self.bits is None:
             object.__setattr__(self, "bits", _FORMAT_BITS.get(self.format, 4))
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in INT_BITS:
@@ -276,8 +278,19 @@ class QuantScheme:
 
 
 def valid_group_sizes(in_features: int) -> list[int]:
-    """Group sizes (>= 8, < in_features) that divide ``in_features``."""
-    return [g for g in range(8, in_features) if in_features % g == 0]
+    """Group sizes (>= 8, < in_features) that divide ``in_features``, ascending.
+
+    Divisors come in pairs ``(d, n // d)`` with ``d <= sqrt(n)``, so this takes O(sqrt(n))
+    steps (an error message about a corrupted ``in_features`` of 1e18 must not loop 1e18 times)."""
+    if not isinstance(in_features, int) or in_features < 1:
+        return []
+    divisors = set()
+    d = 1
+    while d * d <= in_features:
+        if in_features % d == 0:
+            divisors.update((d, in_features // d))
+        d += 1
+    return sorted(g for g in divisors if 8 <= g < in_features)
 
 
 def shrink_group_size(requested: int, in_features: int) -> int:

@@ -19,17 +19,15 @@ Stored tensors (``N = out``, ``K = in``, ``G`` = number of scale groups; see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil
 from typing import Optional
 
 import torch
 
 from lowbit import formats, packing
 from lowbit.errors import PackingError
-from lowbit.float_formats import DoubleQuantScales
-from lowbit.scheme import DOUBLE_QUANT_BLOCK, Granularity, QuantScheme
-
-TensorSpec = tuple[tuple[int, ...], torch.dtype]
+from lowbit.formats.base import TensorSpec
+from lowbit.formats.codebook import DoubleQuantScales
+from lowbit.scheme import QuantScheme
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -37,19 +35,13 @@ def _dt(dtype: torch.dtype) -> str:
 
 
 def stored_tensor_specs(scheme: QuantScheme, out_features: int, in_features: int, n_outliers: int = 0) -> dict[str, TensorSpec]:
-    """Name -> (shape, dtype) of every tensor a layer of this scheme stores (bias excluded)."""
+    """Name -> (shape, dtype) of every tensor a layer of this scheme stores (bias excluded):
+    the packed codes (``qweight``, at the format's ``bits_per_code``), the format's own
+    parameter tensors (``NumericFormat.stored_tensors``) and LLM.int8 outlier columns."""
     n, k = out_features, in_features
-    qshape = (1, 1) if scheme.granularity is Granularity.TENSOR else (n, scheme.n_groups(k))
-    specs: dict[str, TensorSpec] = {"qweight": ((n, packing.packed_row_bytes(k, scheme.bits)), torch.uint8)}
-    if scheme.double_quant:
-        n_scales = qshape[0] * qshape[1]
-        specs["scale"] = (qshape, torch.uint8)
-        specs["scale_absmax"] = ((ceil(n_scales / DOUBLE_QUANT_BLOCK),), torch.float32)
-        specs["scale_offset"] = ((1,), torch.float32)
-    else:
-        specs["scale"] = (qshape, formats.scale_torch_dtype(scheme))
-    if not scheme.symmetric:
-        specs["zero"] = (qshape, formats.zero_torch_dtype(scheme))
+    fmt = formats.numeric_format(scheme)
+    specs: dict[str, TensorSpec] = {"qweight": ((n, packing.packed_row_bytes(k, fmt.bits_per_code(scheme))), torch.uint8)}
+    specs.update(fmt.stored_tensors(scheme, n, k))  # scale (+ zero, + double-quant tensors)
     if n_outliers:
         if scheme.activations != "int8":
             raise PackingError(f"n_outliers={n_outliers}: outlier columns (LLM.int8) need a W8A8 scheme, not {scheme.short_name}")

@@ -8,7 +8,7 @@ Directory written by :func:`save_pretrained`:
   Its safetensors metadata says ``"format": "pt"``, which transformers 4.57 requires of every
   ``model.safetensors`` (``modeling_utils.load_state_dict``); ``lowbit.load`` reads it too;
 * ``config.json``: the model's config plus ``quantization_config``:
-  ``{"quant_method": "lowbit", "format_version": 1, "lowbit_version", "dtype",
+  ``{"quant_method": "lowbit", "format_version": 2, "lowbit_version", "dtype",
   "layers": {name: {"scheme": QuantScheme.to_dict(), "in_features", "out_features", "bias",
   ["n_outliers"]}}}`` (the manifest's layer table, so the quantizer can build the skeleton
   before any tensor is read);
@@ -22,7 +22,10 @@ order transformers 4.57 calls the quantizer (``modeling_utils.PreTrainedModel.fr
    the meta device;
 3. transformers loads ``model.safetensors`` into those buffers, casting floating tensors to the
    model dtype (``_infer_parameter_dtype`` uses ``config._pre_quantization_dtype``);
-4. ``_process_model_after_weight_loading`` re-reads the floating ``QuantLinear`` tensors whose
+4. ``_process_model_after_weight_loading`` checks the file as ``lowbit.load`` does
+   (``lowbit.io.checkpoint.verify_checkpoint``: manifest and tensor digests, tensor values; a
+   directory written before digests existed is refused, see ``lowbit.load(..., verify=False)``),
+   re-reads the floating ``QuantLinear`` tensors whose
    stored dtype differs from what step 3 left (e.g. fp32 scales in a bf16 model), so the layers
    hold exactly the saved values, and attaches the manifest as ``model.lowbit_manifest``.
 
@@ -45,7 +48,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 import lowbit
 from lowbit.errors import CheckpointError, UnsupportedModelError
 from lowbit.io import hf_common as hc
-from lowbit.io.checkpoint import FORMAT_VERSION, read_manifest, save_checkpoint
+from lowbit.io.checkpoint import FORMAT_VERSION, READABLE_VERSIONS, read_manifest, save_checkpoint, verify_checkpoint
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
 
@@ -105,10 +108,10 @@ class LowbitConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.lowbit_version = lowbit_version
         self.dtype = dtype
-        if format_version != FORMAT_VERSION:
+        if format_version not in READABLE_VERSIONS or isinstance(format_version, bool):
             raise CheckpointError(
                 f"lowbit quantization_config has format_version {format_version!r}; this lowbit "
-                f"({lowbit.__version__}) reads version {FORMAT_VERSION} (upgrade lowbit)"
+                f"({lowbit.__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade lowbit)"
             )
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -150,8 +153,9 @@ class LowbitHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         path = _weights_file(model)
         if path is not None:
+            manifest = verify_checkpoint(path)  # the checks lowbit.load makes (digests, values)
             _restore_exact_qparams(model, path)
-            model.lowbit_manifest = read_manifest(path)
+            model.lowbit_manifest = manifest
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

@@ -1,28 +1,37 @@
 """lowbit's native checkpoint: one safetensors file that describes itself.
 
 File layout (safetensors): ``u64 n | n bytes of JSON header | data``. The header's
-``__metadata__`` holds two strings:
+``__metadata__`` holds three strings:
 
-* ``"format": "lowbit"``
+* ``"format": "lowbit"`` (``"pt"`` in directories written by
+  ``lowbit.integrations.transformers.save_pretrained``, which transformers requires)
 * ``"lowbit_manifest"``: JSON with
-  ``format_version`` (this module writes 1), ``lowbit_version``,
+  ``format_version`` (this module writes 2), ``lowbit_version``,
   ``model`` (``{"kind": "transformers", "architecture", "config"}`` to rebuild
   the skeleton, or ``{"kind": "module", "class"}`` when the caller must pass
   the skeleton), ``recipe`` (``Recipe.to_dict()``), ``layers`` (per quantized
   layer: ``scheme``, ``layout``, ``in_features``, ``out_features``, ``bias``,
   ``source``), ``skipped`` and ``notes`` (every layer kept in full precision
-  and why), ``tensors`` (expected ``shape`` and ``dtype`` of every tensor) and
+  and why), ``tensors`` (expected ``shape``, ``dtype`` and ``digest`` of every tensor) and
   ``aliases`` (tied tensors stored once: ``{alias: stored_name}``).
+* ``"lowbit_manifest_digest"``: ``"sha256:<hex>"`` of the manifest string's UTF-8 bytes.
+
+Digests (``lowbit.io.digest``) are ``"sha256:<64 hex digits>"``; a tensor's covers its bytes as
+stored. Format version 1 is version 2 without the digests; it is read only with
+``verify=False``.
 
 A ``QuantLinear`` named ``L`` stores ``L.qweight`` (uint8), ``L.scale``,
 ``L.zero`` (affine only) and ``L.bias`` (when present); everything else is the
 model's ordinary state dict. Never pickle.
 
-Loading validates the header against the file size and the manifest *before*
-reading any tensor data, builds the model on the ``meta`` device
-(parameters only; buffers such as rotary tables are computed normally), swaps
-in ``QuantLinear`` layers, and loads with ``assign=True``. Saving is atomic:
-temporary file in the same directory, fsync, rename.
+Loading checks everything before any tensor is used (``lowbit.io.checkpoint_validation``):
+the header against the file size, the manifest against its digest and against the header,
+every tensor against its digest (``verify=True``, the default) and its values against its
+scheme; a Hugging Face skeleton is first built on the ``meta`` device (buffers included) and
+compared with the file, then built for real (parameters on ``meta``; buffers such as rotary
+tables computed normally), ``QuantLinear`` layers are swapped in, and the state dict is loaded
+with ``assign=True``. Saving is atomic (``lowbit.io.atomic``): temporary file in the same
+directory, fsync, rename.
 """
 
 from __future__ import annotations
@@ -40,34 +49,34 @@ from torch import nn
 
 import lowbit
 from lowbit import packing
+from lowbit.errors import CheckpointError, ManifestError, TensorMismatchError, TruncatedCheckpointError
+from lowbit.io import digest
 from lowbit.io.atomic import write_atomically
-from lowbit.errors import (
-    CheckpointError,
-    ManifestError,
-    SchemeError,
-    TensorMismatchError,
-    TruncatedCheckpointError,
+from lowbit.io.checkpoint_validation import (
+    FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
+    READABLE_VERSIONS,
+    ST_DTYPES,
+    check_layer_data,
+    check_manifest_digest,
+    check_tensor_digests,
+    check_version,
+    is_count,
+    parse_json,
+    validate_manifest,
 )
 from lowbit.model.swap import QuantizationReport, SkipRecord, linear_kind, set_submodule, weight_as_linear
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme, Recipe
-from lowbit.tensor import stored_tensor_specs
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION", "READABLE_VERSIONS", "build_manifest", "load_checkpoint", "read_header", "read_manifest",
+    "save_checkpoint", "verify_checkpoint",
+]
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.bool: "BOOL",
-}
+_ST_DTYPES = ST_DTYPES
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 PathLike = Union[str, os.PathLike]
@@ -82,6 +91,10 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
         return {"kind": "transformers", "architecture": type(model).__name__, "config": config.to_dict()}
     return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
+
+def _tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    digests = digest.tensor_digests(tensors)
+    return {k: {"shape": list(v.shape), "dtype": _ST_DTYPES[v.dtype], "digest": digests[k]} for k, v in tensors.items()}
 
 def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, Any]:
     report: Optional[QuantizationReport] = getattr(model, "lowbit_report", None)
@@ -119,7 +132,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         "notes": [] if report is None else list(report.notes),
         "calibration": None if report is None else report.calibration,
         **({} if report is None or report.tuning is None else {"tuning": report.tuning}),
-        "tensors": {k: {"shape": list(v.shape), "dtype": _ST_DTYPES[v.dtype]} for k, v in tensors.items()},
+        "tensors": _tensor_table(tensors),
         "aliases": aliases,
     }
 
@@ -151,7 +164,12 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, metadata_format: str = 
     state = model.state_dict()
     tensors, aliases = _dedupe(state)
     manifest = build_manifest(model, tensors, aliases)
-    metadata = {"format": metadata_format, "lowbit_manifest": json.dumps(manifest)}
+    text = json.dumps(manifest)
+    metadata = {
+        "format": metadata_format,
+        "lowbit_manifest": text,
+        MANIFEST_DIGEST_KEY: digest.bytes_digest(text.encode("utf-8")),
+    }
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -175,10 +193,7 @@ def read_header(path: PathLike) -> dict[str, Any]:
                 "the file is truncated or not a safetensors checkpoint"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    header = parse_json(path, raw, "the safetensors header")
     if not isinstance(header, dict):
         raise ManifestError(f"{path}: the safetensors header is not a JSON object")
     meta = header.get("__metadata__")
@@ -186,7 +201,12 @@ def read_header(path: PathLike) -> dict[str, Any]:
         not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         raise ManifestError(f"{path}: the safetensors __metadata__ must map strings to strings")
-    data_len = size - 8 - n
+    _check_data_layout(path, header, size - 8 - n)
+    return header
+
+
+def _check_data_layout(path, header: dict[str, Any], data_len: int) -> None:
+    """Each tensor's byte range fits its dtype and shape, and the ranges tile the data section."""
     ranges = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -194,7 +214,7 @@ def read_header(path: PathLike) -> dict[str, Any]:
         try:
             start, end = info["data_offsets"]
             dtype, shape = info["dtype"], info["shape"]
-            if not all(_is_count(x) for x in (start, end, *shape)) or not isinstance(dtype, str) or start > end:
+            if not all(is_count(x) for x in (start, end, *shape)) or not isinstance(dtype, str) or start > end:
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             raise ManifestError(f"{path}: header entry for tensor {name!r} is malformed") from None
@@ -223,15 +243,13 @@ def read_header(path: PathLike) -> dict[str, Any]:
             f"{path}: the header describes {pos} bytes of tensor data but the file holds {data_len} "
             "(trailing bytes after the last tensor); the file is corrupted"
         )
-    return header
 
 
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+def read_manifest(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The lowbit manifest of a checkpoint, validated against the file; reads no tensor data.
 
-
-def read_manifest(path: PathLike) -> dict[str, Any]:
-    """The lowbit manifest of a checkpoint, validated against the file; reads no tensor data."""
+    ``verify``: check the manifest against the digest stored with it (files written before
+    digests existed are refused; pass ``verify=False`` for a file you trust)."""
     header = read_header(path)
     meta = header.get("__metadata__") or {}
     if meta.get("format") not in ("lowbit", "pt") or "lowbit_manifest" not in meta:
@@ -239,167 +257,66 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
             f"{path}: not a lowbit checkpoint (no lowbit manifest in the safetensors metadata); "
             "was it written by lowbit.save?"
         )
-    try:
-        manifest = json.loads(meta["lowbit_manifest"])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: the lowbit manifest is not valid JSON ({e})") from None
-    _validate_manifest(path, manifest, header)
-    return manifest
-
-
-def _expected_layer_tensors(name: str, layer: dict[str, Any]) -> dict[str, tuple[list[int], str]]:
-    scheme = QuantScheme.from_dict(layer["scheme"])
-    n, k = int(layer["out_features"]), int(layer["in_features"])
-    if not isinstance(layer["bias"], bool):
-        raise TypeError(f"'bias' must be true or false, got {layer['bias']!r}")
-    n_outliers = layer.get("n_outliers", 0)
-    if not _is_count(n_outliers) or n_outliers > k:
-        raise TypeError(f"'n_outliers' must be a count <= in_features, got {n_outliers!r}")
-    scheme.check_layer(name, k)
-    specs = stored_tensor_specs(scheme, n, k, n_outliers)
-    return {f"{name}.{t}": (list(shape), _ST_DTYPES[dtype]) for t, (shape, dtype) in specs.items()}
-
-
-def _validate_manifest(path, manifest: Any, header: dict[str, Any]) -> None:
+    text = meta["lowbit_manifest"]
+    manifest = parse_json(path, text, "the lowbit manifest")
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: the lowbit manifest is not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path}: checkpoint format_version {version!r}; this lowbit ({lowbit.__version__}) reads version "
-            f"{FORMAT_VERSION} (upgrade lowbit to read newer files)"
-        )
-    for key in ("model", "layers", "tensors", "aliases"):
-        if key not in manifest:
-            raise ManifestError(f"{path}: the lowbit manifest lacks the {key!r} field")
-    _check_manifest_types(path, manifest)
-    stored = {k: v for k, v in header.items() if k != "__metadata__"}
-    expected = manifest["tensors"]
-    missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise TensorMismatchError(f"{path}: tensors listed in the manifest but absent: {missing[:5]}; present but unlisted: {extra[:5]}")
-    for k, info in expected.items():
-        if list(stored[k]["shape"]) != list(info["shape"]) or stored[k]["dtype"] != info["dtype"]:
-            raise TensorMismatchError(
-                f"{path}: tensor {k!r} is {stored[k]['dtype']} {stored[k]['shape']} in the file "
-                f"but the manifest expects {info['dtype']} {info['shape']}"
-            )
-    for name, layer in manifest["layers"].items():
-        try:
-            want = _expected_layer_tensors(name, layer)
-        except (SchemeError, KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"{path}: layer {name!r} has an invalid scheme entry: {e}") from None
-        for k, (shape, dtype) in want.items():
-            if k not in stored:
-                raise TensorMismatchError(f"{path}: layer {name!r} lacks tensor {k!r}")
-            if list(stored[k]["shape"]) != shape or stored[k]["dtype"] != dtype:
-                raise TensorMismatchError(
-                    f"{path}: tensor {k!r} is {stored[k]['dtype']} {stored[k]['shape']}, but layer {name!r} "
-                    f"with scheme {layer['scheme']} needs {dtype} {shape}"
-                )
-        # tensors the scheme does not use (e.g. a zero point under a symmetric scheme) mean the
-        # scheme and the data disagree
-        for suffix in ("zero", "bias"):
-            k = f"{name}.{suffix}"
-            used = k in want or (suffix == "bias" and layer["bias"])
-            if (k in stored or k in manifest["aliases"]) != used:
-                raise TensorMismatchError(
-                    f"{path}: layer {name!r} with scheme {layer['scheme']} and bias={layer['bias']} "
-                    f"{'needs' if used else 'does not use'} tensor {k!r}, but the file "
-                    f"{'lacks it' if used else 'holds it'}"
-                )
-    for alias, target in manifest["aliases"].items():
-        if target not in stored:
-            raise TensorMismatchError(f"{path}: alias {alias!r} points at {target!r}, which is not stored")
-
-
-def _check_manifest_types(path, manifest: dict[str, Any]) -> None:
-    """The manifest's fields have the JSON types the loader relies on (else ManifestError)."""
-
-    def bad(what: str):
-        return ManifestError(f"{path}: the lowbit manifest is malformed: {what}; re-save the checkpoint with lowbit.save")
-
-    model = manifest["model"]
-    if not isinstance(model, dict) or model.get("kind") not in ("transformers", "module"):
-        raise bad("'model' must be an object with kind 'transformers' or 'module'")
-    if model["kind"] == "transformers" and not (
-        isinstance(model.get("architecture"), str) and isinstance(model.get("config"), dict)
-    ):
-        raise bad("a 'transformers' model needs a string 'architecture' and an object 'config'")
-    if not isinstance(manifest["layers"], dict) or not all(isinstance(v, dict) for v in manifest["layers"].values()):
-        raise bad("'layers' must map layer names to objects")
-    tensors = manifest["tensors"]
-    if not isinstance(tensors, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
-        for v in tensors.values()
-    ):
-        raise bad("'tensors' must map tensor names to {'shape': [...], 'dtype': '...'}")
-    aliases = manifest["aliases"]
-    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
-        raise bad("'aliases' must map tensor names to stored tensor names")
-    skipped = manifest.get("skipped", [])
-    if not isinstance(skipped, list) or not all(
-        isinstance(s, dict) and set(s) == set(SkipRecord.__dataclass_fields__) for s in skipped
-    ):
-        raise bad(f"'skipped' must be a list of objects with the fields {sorted(SkipRecord.__dataclass_fields__)}")
-    if not isinstance(manifest.get("notes", []), list):
-        raise bad("'notes' must be a list")
-    if not isinstance(manifest.get("calibration"), (dict, type(None))):
-        raise bad("'calibration' must be an object or null")
-    recipe = manifest.get("recipe")
-    if recipe is not None:
-        try:
-            Recipe.from_dict(recipe)
-        except SchemeError as e:
-            raise bad(f"invalid 'recipe' ({e})") from None
+    version = check_version(path, manifest)
+    if verify:
+        check_manifest_digest(path, meta, text, version)
+    validate_manifest(path, manifest, header)
+    return manifest
 
 
 # ---------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------
-def _build_skeleton(manifest: dict[str, Any], path) -> nn.Module:
+def _skeleton_parts(manifest: dict[str, Any], path) -> tuple[type, Any]:
+    """The architecture class and the config object the manifest describes."""
     desc = manifest["model"]
     if desc.get("kind") != "transformers":
         raise CheckpointError(
-            f"{path}: the checkpoint holds a custom module ({desc.get('class')}); "
+            f"{path}: the checkpoint holds a custom module ({desc.get('class')!r:.100}); "
             "pass a freshly built instance of it: lowbit.load(path, model=MyModel(...))"
         )
     import transformers
-    from accelerate import init_empty_weights
 
     config_dict = dict(desc["config"])
     model_type = config_dict.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise CheckpointError(f"{path}: transformers {transformers.__version__} does not know model_type {model_type!r:.60}")
+    arch = getattr(transformers, desc["architecture"], None)
+    if not (isinstance(arch, type) and issubclass(arch, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{path}: transformers has no model architecture {desc['architecture']!r:.60}")
     try:
-        config_cls = transformers.CONFIG_MAPPING[model_type]
-    except KeyError:
-        raise CheckpointError(f"{path}: transformers {transformers.__version__} does not know model_type {model_type!r}") from None
-    arch = getattr(transformers, desc.get("architecture", ""), None)
-    if arch is None:
-        raise CheckpointError(f"{path}: transformers has no architecture {desc.get('architecture')!r}")
+        config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    except Exception as e:  # third-party code fed a config from a file: any failure is the file's
+        raise _unbuildable(path, desc, e) from None
+    return arch, config
+
+
+def _unbuildable(path, desc: dict[str, Any], e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: could not rebuild {desc['architecture']} from the config in the manifest "
+        f"({type(e).__name__}: {str(e)[:200]}); pass the model skeleton: lowbit.load(path, model=...)"
+    )
+
+
+def _build_skeleton(manifest: dict[str, Any], path, *, probe: bool = False) -> nn.Module:
+    """The model the manifest describes, parameters on ``meta``; ``probe=True`` puts buffers on
+    ``meta`` too, so that nothing is allocated whatever the config says."""
+    from accelerate import init_empty_weights
+
+    arch, config = _skeleton_parts(manifest, path)
     try:
-        config = config_cls.from_dict(config_dict)
-        with init_empty_weights(include_buffers=False):
-            model = arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(
-            f"{path}: could not rebuild {desc.get('architecture')} from the config in the manifest ({e}); "
-            "pass the model skeleton: lowbit.load(path, model=...)"
-        ) from None
-    return model
+        with init_empty_weights(include_buffers=probe):
+            return arch._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    except Exception as e:  # third-party code fed a config from a file: any failure is the file's
+        raise _unbuildable(path, manifest["model"], e) from None
 
 
-def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel: str = "auto") -> nn.Module:
-    """Rebuild a quantized model from a lowbit checkpoint.
-
-    ``model``: an optional skeleton (any ``nn.Module`` with the original layer
-    structure, e.g. built on the meta device). Hugging Face models are rebuilt
-    from the config in the manifest when it is omitted.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    if model is None:
-        model = _build_skeleton(manifest, path)
+def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], path, kernel: str) -> None:
+    """Swap a ``QuantLinear`` (on ``meta``) in for every layer the manifest lists."""
     for name, layer in manifest["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -409,48 +326,100 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         if kind is None and not isinstance(old, QuantLinear):
             raise TensorMismatchError(f"{path}: {name!r} is a {type(old).__name__} in the model, not a linear layer")
         have = (old.out_features, old.in_features) if kind is None else tuple(weight_as_linear(old, kind).shape)
-        want = (int(layer["out_features"]), int(layer["in_features"]))
+        want = (layer["out_features"], layer["in_features"])
         if have != want:
             raise TensorMismatchError(
                 f"{path}: layer {name!r} is [out, in] = {list(have)} in the model but {list(want)} in the "
                 "checkpoint (is this the right model skeleton?)"
             )
-        scheme = QuantScheme.from_dict(layer["scheme"])
         new = QuantLinear(
-            int(layer["in_features"]),
-            int(layer["out_features"]),
-            scheme,
-            bias=bool(layer["bias"]),
+            layer["in_features"],
+            layer["out_features"],
+            QuantScheme.from_dict(layer["scheme"]),
+            bias=layer["bias"],
             device=torch.device("meta"),
             kernel=kernel,
-            n_outliers=int(layer.get("n_outliers", 0)),
+            n_outliers=layer.get("n_outliers", 0),
         )
         set_submodule(model, name, new)
-    state = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                state[k] = f.get_tensor(k)
-    except (SafetensorError, OSError) as e:  # the checks above should have caught it; never leak a raw error
-        raise CheckpointError(f"{path}: safetensors could not read the file ({e}); re-save or re-copy it") from None
-    for alias, target in manifest["aliases"].items():
-        state[alias] = state[target]
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def _check_model_matches_file(model: nn.Module, manifest: dict[str, Any], path) -> None:
+    """The model's state dict has exactly the file's tensors (stored or aliased), same shapes."""
+    shapes = {k: tuple(v["shape"]) for k, v in manifest["tensors"].items()}
+    shapes.update({alias: shapes[target] for alias, target in manifest["aliases"].items()})
+    target_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(target_shapes) - set(shapes)), sorted(set(shapes) - set(target_shapes))
     if missing or unexpected:
         raise TensorMismatchError(
             f"{path}: checkpoint and model disagree; missing from the file: {missing[:5]}, "
             f"not in the model: {unexpected[:5]} (is this the right model skeleton?)"
         )
-    target_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, v in state.items():
-        if tuple(v.shape) != target_shapes[k]:
-            raise TensorMismatchError(f"{path}: tensor {k!r} is {tuple(v.shape)} in the file, the model expects {target_shapes[k]}")
+    for k, shape in shapes.items():
+        if shape != target_shapes[k]:
+            raise TensorMismatchError(f"{path}: tensor {k!r} is {shape} in the file, the model expects {target_shapes[k]}")
+
+
+def _read_tensors(path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:  # the checks above should have caught it; never leak a raw error
+        raise CheckpointError(f"{path}: safetensors could not read the file ({e}); re-save or re-copy it") from None
+
+
+def _read_checked(path: Path, verify: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the tensors of a checkpoint, after every check of the file itself."""
+    manifest = read_manifest(path, verify=verify)
+    state = _read_tensors(path)
+    if verify:
+        check_tensor_digests(path, manifest, state)
+    check_layer_data(path, manifest, state)
+    return manifest, state
+
+
+def verify_checkpoint(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Every check ``load_checkpoint`` makes of the file itself (header, manifest, digests,
+    tensor values), without building a model; returns the manifest. For loaders that read the
+    tensors their own way (``lowbit.integrations.transformers``)."""
+    return _read_checked(Path(path), verify)[0]
+
+
+def load_checkpoint(
+    path: PathLike, model: Optional[nn.Module] = None, *, kernel: str = "auto", verify: bool = True
+) -> nn.Module:
+    """Rebuild a quantized model from a lowbit checkpoint.
+
+    ``model``: an optional skeleton (any ``nn.Module`` with the original layer
+    structure, e.g. built on the meta device). Hugging Face models are rebuilt
+    from the config in the manifest when it is omitted.
+    ``verify``: check the manifest and every tensor against the digests recorded at save time
+    (``IntegrityError`` on any difference, and for files written before digests existed);
+    ``verify=False`` skips that for files you trust. The other checks always run.
+    """
+    path = Path(path)
+    manifest, state = _read_checked(path, verify)
+    if model is None:
+        probe = _build_skeleton(manifest, path, probe=True)
+        _install_quant_layers(probe, manifest, path, kernel)
+        _check_model_matches_file(probe, manifest, path)
+        del probe
+        model = _build_skeleton(manifest, path)
+    _install_quant_layers(model, manifest, path, kernel)
+    _check_model_matches_file(model, manifest, path)
+    for alias, target in manifest["aliases"].items():
+        state[alias] = state[target]
     model.load_state_dict(state, strict=True, assign=True)
     _retie(model, manifest)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{path}: these tensors were not in the checkpoint and stay unloaded: {leftover[:5]}")
+    _attach_report(model, manifest)
+    model.eval()
+    return model
+
+
+def _attach_report(model: nn.Module, manifest: dict[str, Any]) -> None:
     recipe = manifest.get("recipe")
     if recipe is not None:
         report = QuantizationReport(recipe=Recipe.from_dict(recipe))
@@ -460,8 +429,6 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *, kernel
         report.tuning = manifest.get("tuning")
         model.lowbit_report = report
     model.lowbit_manifest = manifest
-    model.eval()
-    return model
 
 
 def _retie(model: nn.Module, manifest: dict[str, Any]) -> None:

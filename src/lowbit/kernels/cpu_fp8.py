@@ -2,7 +2,7 @@
 
 Computes ``y = x @ W.T`` with ``W[n, k] = value(q[n, k]) * scale[n]``, where ``q`` are the
 stored FP8 bytes (``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` bit patterns, as
-``lowbit.float_formats`` writes them) and ``x`` float32 activations (other float dtypes are
+``lowbit.formats.fp8`` writes them) and ``x`` float32 activations (other float dtypes are
 converted; the result comes back in x's dtype). The weights are read once per call, one byte
 each, and widened to float32 in registers (``csrc/fp8_linear.c`` says how: an FP8 byte is
 the top of a float16, exactly); nothing is dequantized to memory.

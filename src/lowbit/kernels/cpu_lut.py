@@ -524,7 +524,7 @@ def prepare_layer(layer, group_size: int) -> LutPrepared:
     qt = layer.quantized_tensor()
     qp = qt.qparams
     if layer.scheme.format in TABLE_FORMATS:
-        from lowbit.float_formats import value_table
+        from lowbit.formats import value_table
 
         # w = table[q] * scale (double-quantized scales arrive dequantized in qp.scale)
         return prepare(qt.codes(), value_table(layer.scheme), qp.scale.float(), None, group_size)

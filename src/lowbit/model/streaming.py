@@ -126,12 +126,14 @@ def open_skeleton(model_dir, blocks_path: Optional[str] = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.model.adapters import find_blocks
+    from lowbit.model.loading import model_class
 
     model_dir = pathlib.Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ModelSourceError(f"{model_dir} is not a directory holding a Hugging Face model")
     index = shard_index(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
+    model_class(config, model_dir)  # streaming walks causal LMs; an encoder is an UnsupportedModelError
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.eval()

@@ -4,6 +4,11 @@ Handles ``nn.Linear`` and GPT-2 style ``Conv1D`` (weight stored ``[in, out]``;
 transposed once here). Works layer by layer: each full-precision weight is
 dropped as soon as its quantized replacement is in place, so peak memory is
 the model plus one layer.
+
+Nothing is skipped silently: every other module with parameters of its own
+(embeddings, norms, convolutions, ...) is listed in the report's ``skipped``
+with the reason, and so is every linear layer a recipe rule keeps in full
+precision. A recipe rule that reaches no linear layer is an error.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.errors import CalibrationError, UnsupportedModelError
+from lowbit.errors import CalibrationError, SchemeError, UnsupportedModelError
 from lowbit.formats import sqnr_db
 from lowbit.methods import round_weight
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.scheme import DEFAULT_SKIP_PATTERN, QuantScheme, Recipe
 from lowbit.tensor import QuantizedTensor
 
 try:  # transformers is a dependency, but the swap works without it
@@ -131,6 +136,21 @@ def check_quantizable(model: nn.Module) -> None:
         )
 
 
+def not_linear_reason(module: nn.Module) -> Optional[str]:
+    """Why a module with parameters of its own stays in full precision; None for linear layers
+    (the recipe decides those) and for modules without parameters of their own."""
+    if linear_kind(module) is not None or isinstance(module, QuantLinear):
+        return None
+    if next(module.parameters(recurse=False), None) is None:
+        return None
+    kind = type(module).__name__
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding: kept in full precision (not a linear layer)"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{kind}: kept in full precision (lowbit quantizes linear layers only; convolutions are not supported yet)"
+    return f"{kind}: kept in full precision (not a linear layer)"
+
+
 def plan_layers(model: nn.Module, recipe: Recipe) -> list[PlannedLayer]:
     """Every linear layer with the scheme the recipe gives it, resolved before any weight is
     touched: a recipe error must leave the model exactly as it was, never half quantized."""
@@ -143,14 +163,38 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[PlannedLayer]:
         out_f, in_f = weight_as_linear(mod, kind).shape
         rule_idx, _ = recipe.match(name)
         plan.append(PlannedLayer(name, mod, kind, rule_idx, recipe.scheme_for(name, in_f)))
+    check_rules_reach_linears(model, recipe, [p.name for p in plan])
     return plan
+
+
+def check_rules_reach_linears(model: nn.Module, recipe: Recipe, linear_names: list[str]) -> None:
+    """SchemeError for a rule that matches no linear layer (a typo, or a pattern aimed at a
+    module lowbit cannot quantize); the default output-head rule may match nothing (models
+    without a head)."""
+    for i, rule in enumerate(recipe.rules):
+        if rule.pattern == DEFAULT_SKIP_PATTERN or any(rule.matches(n) for n in linear_names):
+            continue
+        hits = [(n, type(m).__name__) for n, m in model.named_modules() if n and rule.matches(n)]
+        where = f"recipe rule {i} ({rule.pattern!r})"
+        if hits:
+            shown = ", ".join(f"{n} ({k})" for n, k in hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+            raise SchemeError(
+                f"{where} matches {shown} but no linear layer: lowbit quantizes nn.Linear and Conv1D layers "
+                "only (other modules stay in full precision and are listed as skipped); aim the rule at linear "
+                r"layers (end it with '\..*' to reach the linears inside a module) or drop it"
+            )
+        raise SchemeError(
+            f"{where} matches no module of {type(model).__name__}; patterns are matched with re.fullmatch "
+            f"against qualified names such as {linear_names[0]!r}; fix the pattern or drop the rule"
+        )
 
 
 def start_report(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer]) -> QuantizationReport:
     report = QuantizationReport(recipe=recipe)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Embedding):
-            report.skipped.append(SkipRecord(name, "embedding: kept in full precision (not a linear layer)"))
+        reason = not_linear_reason(mod)
+        if reason is not None:
+            report.skipped.append(SkipRecord(name or "<model>", reason))
     for p in plan:
         if p.scheme is None:
             pattern = recipe.rules[p.rule].pattern

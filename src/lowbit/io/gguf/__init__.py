@@ -6,7 +6,9 @@
 
 Modules: ``blocks`` (one encoder/decoder per GGML block type), ``mix`` (llama.cpp's
 per-tensor type rule), ``names`` (GGUF <-> HF names, q/k row permutation),
-``writer`` (``export_gguf``), ``reader`` (``import_gguf``, ``read_gguf``).
+``writer`` (``export_gguf``), ``reader`` (``import_gguf``, ``read_gguf``), ``validate``
+(the file's structure, checked before gguf-py parses it; tensor values), ``hparams``
+(llama metadata: types, ranges, consistency with the tensors).
 """
 
 from lowbit.io.gguf.reader import import_gguf, read_gguf

@@ -451,6 +451,29 @@ CODECS: dict[T, BlockCodec] = {
     )
 }
 
+# byte offsets of the fp16 fields (scales d, mins m / dmin) inside one block of each type
+FP16_FIELDS: dict[T, tuple[int, ...]] = {
+    T.Q8_0: (0,),
+    T.Q4_0: (0,),
+    T.Q5_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_1: (0, 2),
+    T.Q4_K: (0, 2),
+    T.Q6_K: (208,),
+}
+
+
+def block_fp16_fields(b: np.ndarray, qtype) -> np.ndarray:
+    """uint8 blocks ``[..., type_size]`` (any shape with whole blocks) -> float32 ``[n_blocks, k]``:
+    each block's fp16 scale / min fields (``k = 0`` for float types, which have none)."""
+    c = codec(qtype)
+    offsets = FP16_FIELDS.get(c.qtype, ())
+    rows = np.ascontiguousarray(b, dtype=np.uint8).reshape(-1, c.type_size)
+    if not offsets:
+        return np.zeros((rows.shape[0], 0), dtype=F32)
+    return np.stack([fp16_value(rows[:, o : o + 2]) for o in offsets], axis=1)
+
+
 _CHUNK_WEIGHTS = 1 << 18  # weights encoded per numpy step (bounds the K-quant temporaries)
 
 

@@ -2,11 +2,16 @@
 
 ``import_gguf(path, as_is=False)``:
 
-* validates the file before decoding any tensor: every tensor's GGML type is
-  known and supported, its data lies inside the file (else
-  ``TruncatedCheckpointError`` naming the tensor), its shape matches the
-  hyperparameters in the metadata (else ``TensorMismatchError``), and no tensor
-  is missing or unexpected;
+* validates the file before gguf-py builds anything and before any tensor is
+  decoded: the structure (``validate.scan_gguf``: counts and lengths bounded by
+  the file size, known value and tensor types, dims, tensor data back to back,
+  aligned, inside the file, no trailing data), the ``llama.*`` metadata
+  (``hparams``: types, ranges, block count equal to the blk.N tensors present),
+  every tensor's shape against the metadata, and no tensor missing or
+  unexpected; then, per tensor, that its fp16 block scales and its decoded
+  weights are finite. Every failure is a typed ``lowbit.errors`` exception
+  (``CheckpointError`` and subclasses, ``UnsupportedModelError``,
+  ``ModelSourceError``) naming the key or tensor;
 * decodes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K with ``blocks`` and
   undoes llama.cpp's q/k row permutation (see ``names``);
 * ``as_is=True``: linear weights stored as Q4_0 / Q8_0 become ``QuantLinear``
@@ -27,114 +32,63 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as T
 
-from lowbit.errors import (
-    CheckpointError,
-    ModelSourceError,
-    TensorMismatchError,
-    TruncatedCheckpointError,
-    UnsupportedModelError,
-)
-from lowbit.io.gguf import blocks
+from lowbit.errors import CheckpointError, LowbitError, ModelSourceError, TensorMismatchError, UnsupportedModelError
+from lowbit.io.gguf import blocks, validate
 from lowbit.io.gguf.blocks import F32
+from lowbit.io.gguf.hparams import llama_hparams
 from lowbit.io.gguf.names import gguf_to_hf, inverse_row_permutation, permute_heads
 
 PathLike = Union[str, os.PathLike]
 
 
 class _CheckedReader(GGUFReader):
-    """gguf-py's reader, with every tensor's type and byte range checked before the views
-    are built (gguf-py itself fails with a bare ValueError that names no tensor)."""
+    """gguf-py's reader, run only on a file whose structure ``validate.scan_gguf`` has checked
+    (gguf-py trusts every count and offset it reads). ``layout`` is what the scan found."""
 
-    def _build_tensors(self, start_offs, fields):  # noqa: D401 - gguf-py hook
-        size = len(self.data)
-        for field in fields:
-            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
-            name = str(bytes(name_data), encoding="utf-8", errors="replace")
-            try:
-                gtype = T(int(raw_dtype[0]))
-            except ValueError:
-                raise CheckpointError(
-                    f"tensor {name!r} has GGML type id {int(raw_dtype[0])}, unknown to gguf-py; "
-                    "this file needs a newer reader (re-export it with a supported type)"
-                ) from None
-            if gtype not in blocks.CODECS:
-                raise CheckpointError(
-                    f"tensor {name!r} is stored as {gtype.name}, which lowbit does not decode; supported: "
-                    f"{', '.join(t.name for t in blocks.CODECS)} (requantize the file, e.g. with llama-quantize)"
-                )
-            bs, ts = GGML_QUANT_SIZES[gtype]
-            n = int(np.prod(dims.astype(np.int64)))
-            if n % bs:
-                raise TensorMismatchError(f"tensor {name!r}: {n} elements is not a whole number of {gtype.name} blocks")
-            end = int(start_offs + int(offset_tensor[0]) + n // bs * ts)
-            if end > size:
-                raise TruncatedCheckpointError(
-                    f"tensor {name!r} ({gtype.name}, dims {dims.tolist()}) ends at byte {end} but the file has "
-                    f"{size} bytes: the file is truncated (re-download or re-export it)"
-                )
-        super()._build_tensors(start_offs, fields)
+    def __init__(self, path: PathLike, supported=None):
+        self.layout = validate.scan_gguf(path, supported)
+        super().__init__(str(path))
 
 
-def read_gguf(path: PathLike) -> GGUFReader:
-    """Open and validate a GGUF file (types and byte ranges of every tensor)."""
+def read_gguf(path: PathLike, *, any_type: bool = False) -> GGUFReader:
+    """Open a GGUF file after checking its structure (see ``validate``); typed errors only.
+    ``any_type``: accept every GGML type gguf-py knows (for reading metadata only), not just
+    the ones lowbit decodes."""
     path = Path(path)
     if not path.is_file():
         raise ModelSourceError(f"GGUF file {path} does not exist")
     try:
-        return _CheckedReader(str(path))
-    except CheckpointError:
+        return _CheckedReader(path, tuple(GGML_QUANT_SIZES) if any_type else None)
+    except LowbitError:
         raise
+    except OSError as exc:
+        raise ModelSourceError(f"GGUF file {path} cannot be read ({exc}); check the path and its permissions") from exc
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
-        raise TruncatedCheckpointError(
-            f"{path} is not a readable GGUF file: its header or metadata is malformed or truncated "
-            f"({type(exc).__name__}: {exc}); re-download or re-export it"
+        # not expected after scan_gguf: a check it lacks
+        raise CheckpointError(
+            f"{path}: gguf-py could not parse a file that lowbit's checks passed ({type(exc).__name__}: {exc}); "
+            "the file is malformed: re-download or re-export it (and please report it to lowbit)"
         ) from exc
 
 
-def _field(reader: GGUFReader, key: str, required: bool = True):
-    f = reader.fields.get(key)
-    if f is None:
-        if required:
-            raise CheckpointError(f"GGUF metadata key {key!r} is missing; the file is not a complete llama GGUF")
-        return None
-    v = f.contents()
-    return v
-
-
 def llama_config(reader: GGUFReader):
-    """A transformers ``LlamaConfig`` from the ``llama.*`` metadata."""
+    """A transformers ``LlamaConfig`` from the ``llama.*`` metadata (checked by ``hparams``)."""
     from transformers import LlamaConfig
 
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(f"GGUF architecture {arch!r}: import_gguf reads 'llama' files only")
-    names = {t.name for t in reader.tensors}
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
-    head_dim = _field(reader, "llama.rope.dimension_count", required=False)
-    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if emb is None:
-        raise TensorMismatchError("tensor 'token_embd.weight' is missing; the file is not a complete llama GGUF")
-    vocab = _field(reader, "llama.vocab_size", required=False)
-    if vocab is None:
-        vocab = int(emb.shape[1])
-    kw = {}
-    for key, attr in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
-        v = _field(reader, key, required=False)
-        if v is not None:
-            kw[attr] = int(v)
+    hp = llama_hparams(reader.fields, {t.name: tuple(int(d) for d in t.shape.tolist()) for t in reader.tensors})
+    kw = {k: v for k, v in (("bos_token_id", hp.bos), ("eos_token_id", hp.eos)) if v is not None}
     return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, "llama.block_count")),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", required=False) or n_head),
-        head_dim=int(head_dim) if head_dim is not None else hidden // n_head,
-        max_position_embeddings=int(_field(reader, "llama.context_length")),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", required=False) or 10000.0),
-        tie_word_embeddings="output.weight" not in names,
+        vocab_size=hp.vocab,
+        hidden_size=hp.hidden,
+        intermediate_size=hp.ffn,
+        num_hidden_layers=hp.n_layers,
+        num_attention_heads=hp.n_head,
+        num_key_value_heads=hp.n_head_kv,
+        head_dim=hp.head_dim,
+        max_position_embeddings=hp.context,
+        rms_norm_eps=hp.rms_eps,
+        rope_theta=hp.rope_base,
+        tie_word_embeddings=hp.tied,
         **kw,
     )
 
@@ -231,8 +185,10 @@ def import_gguf(path: PathLike, *, as_is: bool = False, dtype: torch.dtype = tor
         raw = np.asarray(t.data)
         if len(shape) == 2:
             raw = raw.reshape(shape[0], -1)
+        raw_u8 = raw.view(np.uint8) if raw.dtype != np.uint8 else raw
+        validate.check_block_scales(gname, t.tensor_type, raw_u8)
         if as_is and len(shape) == 2 and hname != "model.embed_tokens":
-            ql = _as_quant_linear(t.tensor_type, raw.view(np.uint8) if raw.dtype != np.uint8 else raw, shape)
+            ql = _as_quant_linear(t.tensor_type, raw_u8, shape)
             if ql is not None:
                 if inv is not None:
                     idx = inv.numpy()
@@ -246,8 +202,9 @@ def import_gguf(path: PathLike, *, as_is: bool = False, dtype: torch.dtype = tor
         if t.tensor_type in (T.F32, T.F16) and raw.dtype != np.uint8:
             w = raw.astype(F32).reshape(shape)
         else:
-            w = blocks.decode(raw.view(np.uint8).reshape(shape[0] if len(shape) == 2 else 1, -1), t.tensor_type,
+            w = blocks.decode(raw_u8.reshape(shape[0] if len(shape) == 2 else 1, -1), t.tensor_type,
                               shape[-1]).reshape(shape)
+        validate.check_finite_weights(gname, t.tensor_type, w)
         wt = torch.from_numpy(np.ascontiguousarray(w))
         if inv is not None:
             wt = wt[inv]

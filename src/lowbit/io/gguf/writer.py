@@ -36,14 +36,15 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 from torch import nn
 
-from lowbit.errors import FormatError, UnsupportedModelError
+from lowbit.errors import CheckpointError, FormatError, UnsupportedModelError
 from lowbit.io.gguf import blocks, mix
 from lowbit.io.gguf.blocks import F32
 from lowbit.io.atomic import write_atomically
 from lowbit.io.gguf.names import NORMS, gguf_to_hf, permute_heads, row_permutation
+from lowbit.io.gguf.reader import read_gguf
 from lowbit.scheme import Granularity
 
 PathLike = Union[str, os.PathLike]
@@ -147,19 +148,29 @@ def _weight(module: nn.Module) -> tuple[Optional[Any], torch.Tensor]:
 # ---------------------------------------------------------------------------
 def _copy_tokenizer_kv(writer: GGUFWriter, source: PathLike) -> Optional[str]:
     """Copy every ``tokenizer.*`` key of ``source``; returns its ``general.name`` (or None)."""
-    reader = GGUFReader(str(source))
+    reader = read_gguf(source, any_type=True)
     n = 0
     for name, f in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue
         main = f.types[0]
         sub = f.types[-1] if main == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, f.contents(), main, sub_type=sub)
+        writer.add_key_value(name, _contents(f, source), main, sub_type=sub)
         n += 1
     if n == 0:
         raise FormatError(f"source_gguf {source} has no tokenizer.* metadata to copy; pass tokenizer= instead")
     general = reader.fields.get("general.name")
-    return general.contents() if general is not None else None
+    return _contents(general, source) if general is not None else None
+
+
+def _contents(field, source: PathLike):
+    try:
+        return field.contents()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(
+            f"source_gguf {source}: metadata key {field.name!r} holds a string that is not valid UTF-8 ({exc}); "
+            "the file is corrupt: re-download it"
+        ) from None
 
 
 def _hf_tokenizer_kv(writer: GGUFWriter, tokenizer) -> None:
