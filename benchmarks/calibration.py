@@ -64,7 +64,8 @@ GPTQ_CLIP = "gptq(clip)"
 
 
 def _method(name: str):
-    from lowbit.scheme import AWQ, GPTQ, parse_method
+    from lowbit import AWQ, GPTQ
+    from lowbit.recipe import parse_method
 
     steps = []
     for part in name.split("+"):
@@ -143,7 +144,8 @@ def _calibration(kind: str, model, tok, args, out: pathlib.Path):
 def cmd_quantize(args) -> None:
     """Child: quantize one configuration, save it, write its timing JSON."""
     import lowbit
-    from lowbit.scheme import QuantScheme, Recipe
+    from lowbit import Recipe
+    from lowbit.scheme import QuantScheme
 
     method, scheme_name, calib_kind = CONFIGS[args.config]
     out = pathlib.Path(args.out)

@@ -56,13 +56,14 @@ def _stem(name: str) -> str:
 
 def cmd_quality(args) -> None:
     import lowbit
+    from lowbit import Recipe
     from lowbit.calibration import from_texts
     from lowbit.eval.compare import compare_many
     from lowbit.eval.data import find_data_dir, load_wikitext2_test_text, tokenize_once
     from lowbit.eval.memory import file_size_bytes
     from lowbit.eval.perplexity import make_windows
     from lowbit.kernels.registry import use_kernel
-    from lowbit.scheme import QuantScheme, Recipe
+    from lowbit.scheme import QuantScheme
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@
 Fuzz: ``--cases`` seeded mutations of tiny Llama checkpoints (W4 g32 sym / asym, W8 per
 channel, NF4), every (mutation class, mode) pair equally often, each loaded in a forked child
 under a wall-clock limit (``--time-limit``) and an address-space limit; the table counts
-outcomes per class and mode (tests/checkpoint_fuzz.py documents the classes, modes and
-outcomes). Only ``typed-error`` and ``identical`` are acceptable; the exit code is 1 if any case
-is something else, and those cases are listed.
+outcomes per class and mode (tests/checkpoint_fuzz.py documents the classes and modes,
+tests/fuzz_runner.py the outcomes). Only ``typed-error`` and ``identical`` are acceptable; the
+exit code is 1 if any case is something else, and those cases are listed.
 
 Digest cost: a random Llama with SmolLM2-135M's shapes (no download), quantized W4 g64 asym
 with RTN, saved once; then ``load_checkpoint`` with ``verify=True`` and ``verify=False``,
@@ -84,17 +84,10 @@ def smollm2_sized_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def hash_throughput(data: bytes) -> dict[str, float]:
     """GB/s of candidate hashes over ``data`` (best of 3)."""
+    from lowbit.eval.speed import time_fn
+
     candidates = {
         "sha256": lambda b: hashlib.sha256(b).digest(),
         "blake2b": lambda b: hashlib.blake2b(b).digest(),
@@ -103,7 +96,7 @@ def hash_throughput(data: bytes) -> dict[str, float]:
     }
     out = {}
     for name, fn in candidates.items():
-        t = min(_best(lambda: fn(data), 1) for _ in range(3))
+        t = min(time_fn(lambda: fn(data), repeats=1, warmup=0) for _ in range(3))
         out[name] = len(data) / t / 1e9
     return out
 
@@ -113,6 +106,7 @@ def digest_cost(repeats: int) -> None:
 
     import lowbit
     from lowbit.io.checkpoint import _read_tensors, load_checkpoint, read_manifest
+    from lowbit.eval.speed import time_fn
     from lowbit.io.checkpoint_validation import check_tensor_digests
     from lowbit.scheme import QuantScheme
 
@@ -133,7 +127,7 @@ def digest_cost(repeats: int) -> None:
                 load_checkpoint(path, verify=verify)
                 bucket.append(time.perf_counter() - t0)
         manifest, state = read_manifest(path), _read_tensors(path)
-        hash_s = _best(lambda: check_tensor_digests(path, manifest, state), repeats)
+        hash_s = time_fn(lambda: check_tensor_digests(path, manifest, state), repeats=repeats, warmup=0)
         rates = hash_throughput(path.read_bytes())
     on_s, off_s = statistics.median(on), statistics.median(off)
     print(f"\nDigest verification at load: random Llama with SmolLM2-135M's shapes, W4 g64 asym RTN, {size / 1e6:.1f} MB file")

@@ -173,11 +173,12 @@ def _calibration(key: str, inputs: dict, model, device, save_dir) -> torch.Tenso
 
 def cmd_run(args) -> None:
     import lowbit
+    from lowbit import GPTQ, E2ETuning, Recipe, SignRound
     from lowbit.calibration import CalibrationData
     from lowbit.eval.compare import compare_many
     from lowbit.kernels.registry import use_kernel
     from lowbit.model.walker import WalkOptions
-    from lowbit.scheme import GPTQ, E2ETuning, QuantScheme, Recipe, SignRound
+    from lowbit.scheme import QuantScheme
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
     torch.backends.cudnn.allow_tf32 = False

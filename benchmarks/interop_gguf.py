@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         import copy
 
         import lowbit
-        from lowbit.scheme import QuantScheme, Recipe
+        from lowbit import Recipe
+        from lowbit.scheme import QuantScheme
 
         qmodel = copy.deepcopy(model)
         t = time.time()

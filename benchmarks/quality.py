@@ -28,12 +28,13 @@ import time
 import torch
 
 import lowbit
+from lowbit import Recipe
 from lowbit.eval.compare import compare_many
 from lowbit.eval.data import load_wikitext2_test_text, tokenize_once
 from lowbit.eval.memory import file_size_bytes, peak_rss_bytes
 from lowbit.eval.perplexity import make_windows
 from lowbit.kernels.registry import use_kernel
-from lowbit.scheme import Granularity, QuantScheme, Recipe
+from lowbit.scheme import Granularity, QuantScheme
 
 CONFIGS = {
     "W8 channel sym": QuantScheme(bits=8, granularity=Granularity.CHANNEL),

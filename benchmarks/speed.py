@@ -19,10 +19,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lowbit
+from lowbit import Recipe
 from lowbit.eval.memory import model_bytes
 from lowbit.eval.speed import measure_decode, measure_prefill, random_token_ids
 from lowbit.nn import QuantLinear
-from lowbit.scheme import Granularity, QuantScheme, Recipe
+from lowbit.scheme import Granularity, QuantScheme
 
 MATMUL_OPS = {
     "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",

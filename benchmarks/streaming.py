@@ -29,7 +29,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def _recipe():
-    from lowbit.scheme import QuantScheme, Recipe
+    from lowbit import Recipe
+    from lowbit.scheme import QuantScheme
 
     return Recipe.uniform(QuantScheme(bits=4, group_size=128, symmetric=False), method="gptq", indivisible_groups="shrink")
 

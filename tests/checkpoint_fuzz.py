@@ -12,16 +12,10 @@ limit and an address-space limit (``RLIMIT_AS``), then run on the same ids. Mode
 
 Classes whose mutations can be valid data (a flipped bit, a changed scheme that fits the same
 shapes, a float config value moved inside its range) run in ``verify`` mode only: nothing but a
-digest can tell them from the original. The others run in both modes. Outcomes:
-
-    typed-error          a ``lowbit.errors.LowbitError`` (the file was refused)
-    identical            loaded, and the logits equal the base's exactly
-    silently-different   loaded, and the logits differ (or are not finite)
-    non-typed-exception  any other exception (or the child died)
-    hang                 no answer within the time limit (the child is killed)
-    memory-blow-up       an allocation failed under the limit, or the peak RSS grew past it
-
-Only ``typed-error`` and ``identical`` are acceptable, in every class and mode.
+digest can tell them from the original. The others run in both modes. The outcomes (typed-error,
+identical, silently-different, non-typed-exception, hang, memory-blow-up) are those of
+tests/fuzz_runner.py, which runs the cases; only ``typed-error`` and ``identical`` are acceptable,
+in every class and mode.
 """
 
 from __future__ import annotations
@@ -29,21 +23,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import resource
-import select
-import signal
 import struct
-import tempfile
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-OUTCOMES = ("typed-error", "identical", "silently-different", "non-typed-exception", "hang", "memory-blow-up")
-ACCEPTABLE = ("typed-error", "identical")
+import fuzz_runner
+
 MODES = ("verify", "no-verify")
 IDS_SEED, IDS_LEN = 5, 8
 DIGEST_KEY = "lowbit_manifest_digest"
@@ -516,142 +504,41 @@ def generate(bases: dict[str, Base], n: int, seed: int):
 
 
 # ---------------------------------------------------------------------------
-# running one case in a forked child
+# running cases (tests/fuzz_runner.py forks, limits and classifies)
 # ---------------------------------------------------------------------------
-def _vm_kib(field_name: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _is_alloc_failure(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "not enough memory" in text
-
-
-def _classify(case: Case, path: Path) -> dict:
-    import torch
-
-    from lowbit.errors import LowbitError
-    from lowbit.io.checkpoint import load_checkpoint
-
-    try:
-        with torch.no_grad():
-            out = load_checkpoint(path, verify=case.mode == "verify")(input_ids()).logits
-        same = torch.equal(out, case.base.ref)
-        return {"outcome": "identical" if same else "silently-different", "detail": ""}
-    except LowbitError as exc:
-        return {"outcome": "typed-error", "detail": f"{type(exc).__name__}: {exc}"}
-    except BaseException as exc:  # noqa: BLE001 - the point is to see everything
-        outcome = "memory-blow-up" if _is_alloc_failure(exc) else "non-typed-exception"
-        return {"outcome": outcome, "detail": f"{type(exc).__name__}: {exc}"}
-
-
-def _child(case: Case, path: Path, wfd: int, mem_bytes: int) -> None:
-    code = 0
-    try:
-        vm = _vm_kib("VmSize")
-        if vm is not None:
-            limit = vm * 1024 + mem_bytes
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        res = _classify(case, path)
-        res["detail"] = res["detail"].replace("\n", " ")[:600]
-        os.write(wfd, json.dumps(res).encode())
-    except BaseException:  # noqa: BLE001
-        code = 3
-    finally:
-        os._exit(code)
-
-
-@dataclass
-class Result:
-    case: Case
-    outcome: str
-    detail: str
-    seconds: float
-
-    @property
-    def failed(self) -> bool:
-        return self.outcome not in ACCEPTABLE
-
+class Result(fuzz_runner.Result):
     def line(self) -> str:
         c = self.case
         return f"#{c.index} {c.cls}/{c.mode} on {c.base.name} ({c.note[:120]}): {self.outcome} {self.detail[:300]}"
 
 
 def run_case(case: Case, workdir: Path, time_limit: float = 20.0, mem_bytes: int = 2 << 30) -> Result:
+    from lowbit.io.checkpoint import load_checkpoint
+
     path = workdir / f"case{case.index}.safetensors"
     path.write_bytes(case.data)
-    r, w = os.pipe()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        _child(case, path, w, mem_bytes)
-    os.close(w)
-    chunks, deadline, timed_out = [], t0 + time_limit, False
     try:
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                timed_out = True
-                break
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return fuzz_runner.run_in_child(
+            case, lambda: load_checkpoint(path, verify=case.mode == "verify")(input_ids()).logits, case.base.ref,
+            time_limit, mem_bytes, Result,
+        )
     finally:
-        os.close(r)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    path.unlink()
-    seconds = time.perf_counter() - t0
-    if timed_out:
-        return Result(case, "hang", f"no answer within {time_limit:g} s", seconds)
-    if not chunks:
-        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
-        return Result(case, "non-typed-exception", f"the child died ({how}) without an answer", seconds)
-    res = json.loads(b"".join(chunks))
-    return Result(case, res["outcome"], res["detail"], seconds)
+        path.unlink()
 
 
 def run_cases(cases, time_limit: float = 20.0, mem_bytes: int = 2 << 30,
               on_result: Optional[Callable[[Result], None]] = None) -> list[Result]:
-    import torch
-
-    torch.set_num_threads(1)  # forked children must not inherit a running OpenMP pool
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
-            res = run_case(case, Path(tmp), time_limit, mem_bytes)
-            results.append(res)
-            if on_result is not None:
-                on_result(res)
-    return results
+    return fuzz_runner.run_all(cases, lambda case, workdir: run_case(case, workdir, time_limit, mem_bytes),
+                               on_result=on_result)
 
 
 # ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
 def counts(results: list[Result]) -> dict[tuple[str, str], Counter]:
-    out: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    for r in results:
-        out[(r.case.cls, r.case.mode)][r.outcome] += 1
-    return out
+    return fuzz_runner.counts(results, lambda r: (r.case.cls, r.case.mode))
 
 
 def markdown_table(results: list[Result]) -> str:
-    table = counts(results)
-    lines = ["| mutation class | mode | cases | " + " | ".join(OUTCOMES) + " |", "|" + "---|" * (len(OUTCOMES) + 3)]
-    for (cls, mode), c in sorted(table.items(), key=lambda kv: (list(MUTATORS).index(kv[0][0]), kv[0][1])):
-        lines.append(f"| {cls} | {mode} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in OUTCOMES) + " |")
-    total: Counter = Counter()
-    for c in table.values():
-        total.update(c)
-    lines.append(f"| **total** | | {sum(total.values())} | " + " | ".join(str(total[o]) for o in OUTCOMES) + " |")
-    return "\n".join(lines)
+    table = sorted(counts(results).items(), key=lambda kv: (list(MUTATORS).index(kv[0][0]), kv[0][1]))
+    return fuzz_runner.markdown_table(("mutation class", "mode"), [((cls, mode), c) for (cls, mode), c in table])

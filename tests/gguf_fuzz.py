@@ -5,14 +5,10 @@ Base files: tiny random Llama models written by ``export_gguf`` at several types
 rewritten by gguf-py's own writer with ``general.alignment = 64``); each base's logits on
 fixed ids are the reference. A case = (mutation class, base, seed): the mutated bytes are
 imported in a forked child with a CPU-time-independent wall-clock limit and an address-space
-limit (``RLIMIT_AS``), then run on the same ids. Outcomes:
-
-    typed-error          a ``lowbit.errors.LowbitError`` (the file was refused)
-    identical            loaded, and the logits equal the base's exactly
-    silently-different   loaded, and the logits differ (a failure, unless the class is known-undetectable)
-    non-typed-exception  any other exception (or the child died)
-    hang                 no answer within the time limit (the child is killed)
-    memory-blow-up       an allocation failed under the limit, or the peak RSS grew past it
+limit (``RLIMIT_AS``), then run on the same ids. The outcomes (typed-error, identical,
+silently-different, non-typed-exception, hang, memory-blow-up) are those of tests/fuzz_runner.py,
+which runs the cases; a typed error must also be one line, and never gguf-py's failure behind
+lowbit's checks (``BACKSTOP``).
 
 ``KNOWN_UNDETECTABLE`` names the classes where a silently different model is inherent to the
 format (GGUF carries no checksums) and says why; in every other class only ``typed-error`` and
@@ -21,22 +17,14 @@ format (GGUF carries no checksums) and says why; in every other class only ``typ
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import resource
-import select
-import signal
 import struct
-import tempfile
-import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
@@ -44,15 +32,14 @@ from gguf import GGUFValueType as V
 from lowbit.io.gguf.blocks import FP16_FIELDS
 from lowbit.io.gguf.validate import GGUFLayout, KVEntry, TensorInfo, padded, scan_gguf
 
+import fuzz_runner
+
 BACKSTOP = "gguf-py could not parse a file that lowbit's checks passed"
-OUTCOMES = ("typed-error", "identical", "silently-different", "non-typed-exception", "hang", "memory-blow-up")
 FAILURES = ("non-typed-exception", "hang", "memory-blow-up")
 
 KNOWN_UNDETECTABLE = {
     "data_bitflip": "a flipped bit in tensor data that leaves every value finite: GGUF has no checksums",
     "meta_float_bitflip": "llama.rope.freq_base or the RMS epsilon flipped to another value inside its valid range",
-    "meta_key_rename": "a flipped bit in the 'llama.' prefix of llama.rope.freq_base: the key leaves the llama "
-    "namespace, reads as absent, and its default (10000) applies, as in llama.cpp",
     "type_swap_same_size": "F16 <-> BF16, or Q4_0 <-> Q4_K on rows that are multiples of 256: the same byte count, "
     "so every structural check still holds",
     "tinfo_name_swap": "two tensors of the same type and shape trade names (the file's tensor order is free)",
@@ -112,28 +99,8 @@ def reference_logits(path: Path, as_is: bool):
         return import_gguf(path, as_is=as_is)(input_ids()).logits
 
 
-def realign(src: Path, dst: Path, alignment: int) -> None:
-    """Rewrite a GGUF with gguf-py's writer at another alignment (writes general.alignment)."""
-    from gguf import GGUFReader, GGUFWriter
-
-    r = GGUFReader(str(src))
-    w = GGUFWriter(str(dst), arch="llama")
-    w.add_custom_alignment(alignment)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == V.ARRAY else None
-        w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def make_bases(directory: Path, specs=BASE_SPECS) -> list[Base]:
-    from gguf_helpers import write_tokenizer_gguf
+    from gguf_helpers import rewrite_gguf, write_tokenizer_gguf
     from tiny_models import tiny_llama
 
     from lowbit.io.gguf import export_gguf
@@ -149,7 +116,7 @@ def make_bases(directory: Path, specs=BASE_SPECS) -> list[Base]:
         if alignment is not None:
             plain = path.with_suffix(".plain.gguf")
             path.rename(plain)
-            realign(plain, path, alignment)
+            rewrite_gguf(plain, path, alignment=alignment)  # gguf-py's writer, with general.alignment
         refs = {False: reference_logits(path, False), True: reference_logits(path, True)}
         bases.append(Base(name, path, path.read_bytes(), scan_gguf(path), refs))
     return bases
@@ -506,83 +473,9 @@ def generate(bases: list[Base], n: int, seed: int):
 
 
 # ---------------------------------------------------------------------------
-# running one case in a forked child
+# running cases (tests/fuzz_runner.py forks, limits and classifies)
 # ---------------------------------------------------------------------------
-def _vm_kib(field_name: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _is_alloc_failure(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "not enough memory" in text
-
-
-def _classify_child(case: Case, path: Path) -> dict:
-    import torch
-
-    from lowbit.errors import LowbitError
-    from lowbit.io.gguf import import_gguf
-
-    try:
-        with torch.no_grad():
-            out = import_gguf(path, as_is=case.as_is)(input_ids()).logits
-        same = torch.equal(out, case.base.refs[case.as_is])
-        return {"outcome": "identical" if same else "silently-different", "detail": ""}
-    except LowbitError as exc:
-        return {"outcome": "typed-error", "detail": f"{type(exc).__name__}: {exc}", "one_line": "\n" not in str(exc)}
-    except BaseException as exc:  # noqa: BLE001 - the point is to see everything
-        outcome = "memory-blow-up" if _is_alloc_failure(exc) else "non-typed-exception"
-        return {"outcome": outcome, "detail": f"{type(exc).__name__}: {exc}"}
-
-
-def _child(case: Case, path: Path, wfd: int, mem_bytes: int) -> None:
-    code = 0
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        vm = _vm_kib("VmSize")
-        if vm is not None:
-            limit = vm * 1024 + mem_bytes
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        peak_ok = _reset_peak_rss()
-        rss0 = _vm_kib("VmRSS") or 0
-        res = _classify_child(case, path)
-        hwm = _vm_kib("VmHWM")
-        res["peak_rss_growth"] = (hwm - rss0) * 1024 if (peak_ok and hwm is not None) else None
-        if res["peak_rss_growth"] is not None and res["peak_rss_growth"] > mem_bytes:
-            res["outcome"] = "memory-blow-up"
-        res["detail"] = res["detail"].replace("\n", " ")[:600]
-        os.write(wfd, json.dumps(res).encode())
-    except BaseException:  # noqa: BLE001
-        code = 3
-    finally:
-        os._exit(code)
-
-
-@dataclass
-class Result:
-    case: Case
-    outcome: str
-    detail: str
-    seconds: float
-    peak_rss_growth: Optional[int] = None
-    one_line: bool = True
-
+class Result(fuzz_runner.Result):
     @property
     def backstop(self) -> bool:
         """The reader's last-resort wrapper fired: gguf-py failed on a file lowbit's checks passed."""
@@ -600,91 +493,23 @@ class Result:
 
 
 def run_case(case: Case, workdir: Path, time_limit: float = 20.0, mem_bytes: int = 1 << 30) -> Result:
+    from lowbit.io.gguf import import_gguf
+
     path = workdir / "case.gguf"
     path.write_bytes(case.data)
-    r, w = os.pipe()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        _child(case, path, w, mem_bytes)
-    os.close(w)
-    chunks, deadline, timed_out = [], t0 + time_limit, False
-    try:
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                timed_out = True
-                break
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    seconds = time.perf_counter() - t0
-    if timed_out:
-        return Result(case, "hang", f"no answer within {time_limit:g} s", seconds)
-    if not chunks:
-        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL  # the kernel's OOM killer
-        outcome = "memory-blow-up" if killed else "non-typed-exception"
-        return Result(case, outcome, f"the child died ({how}) without an answer", seconds)
-    res = json.loads(b"".join(chunks))
-    return Result(case, res["outcome"], res["detail"], seconds, res.get("peak_rss_growth"), res.get("one_line", True))
+    return fuzz_runner.run_in_child(case, lambda: import_gguf(path, as_is=case.as_is)(input_ids()).logits,
+                                    case.base.refs[case.as_is], time_limit, mem_bytes, Result)
 
 
 def run_cases(cases, workdir: Optional[Path] = None, time_limit: float = 20.0, mem_bytes: int = 1 << 30,
               on_result: Optional[Callable[[Result], None]] = None) -> list[Result]:
-    import torch
-
-    torch.set_num_threads(1)
-    own = workdir is None
-    tmp = tempfile.TemporaryDirectory() if own else None
-    workdir = Path(tmp.name) if own else workdir
-    results = []
-    try:
-        for case in cases:
-            res = run_case(case, workdir, time_limit, mem_bytes)
-            results.append(res)
-            if on_result is not None:
-                on_result(res)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return results
+    return fuzz_runner.run_all(cases, lambda case, wd: run_case(case, wd, time_limit, mem_bytes), workdir, on_result)
 
 
 # ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
-@dataclass
-class Summary:
-    counts: dict = field(default_factory=lambda: defaultdict(Counter))  # class -> outcome -> n
-
-    def add(self, res: Result) -> None:
-        self.counts[res.case.cls][res.outcome] += 1
-
-    def totals(self) -> Counter:
-        out: Counter = Counter()
-        for c in self.counts.values():
-            out.update(c)
-        return out
-
-
 def markdown_table(results: list[Result]) -> str:
-    s = Summary()
-    for r in results:
-        s.add(r)
-    head = "| mutation class | cases | " + " | ".join(OUTCOMES) + " |"
-    lines = [head, "|" + "---|" * (len(OUTCOMES) + 2)]
-    for cls in sorted(s.counts):
-        c = s.counts[cls]
-        mark = " (known)" if cls in KNOWN_UNDETECTABLE else ""
-        lines.append(f"| {cls}{mark} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in OUTCOMES) + " |")
-    tot = s.totals()
-    lines.append(f"| **total** | {sum(tot.values())} | " + " | ".join(str(tot[o]) for o in OUTCOMES) + " |")
-    return "\n".join(lines)
+    table = fuzz_runner.counts(results, lambda r: r.case.cls)
+    rows = [((cls + (" (known)" if cls in KNOWN_UNDETECTABLE else ""),), table[cls]) for cls in sorted(table)]
+    return fuzz_runner.markdown_table(("mutation class",), rows)

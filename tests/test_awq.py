@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit import formats
+from lowbit import AWQ, formats
 from lowbit.errors import CalibrationError
 from lowbit.methods import awq
-from lowbit.scheme import AWQ, QuantScheme
+from lowbit.scheme import QuantScheme
 
 W4 = QuantScheme(bits=4, group_size=128)
 W3 = QuantScheme(bits=3, group_size=128)

@@ -41,11 +41,11 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 import lowbit
 import lowbit.io
 import lowbit.io.checkpoint as ckpt
-from lowbit import formats, packing
+from lowbit import Recipe, Rule, formats, packing
 from lowbit.errors import CheckpointError, ManifestError, TensorMismatchError, TruncatedCheckpointError
 from lowbit.io.digest import bytes_digest, tensor_digest
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe, Rule
+from lowbit.scheme import QuantScheme
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -33,6 +33,7 @@ from tiny_models import random_ids, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lowbit
+from lowbit import HQQ, LLMInt8, Recipe
 from lowbit.errors import CheckpointError, IntegrityError, ManifestError, TensorMismatchError
 from lowbit.io import bounded_json
 from lowbit.io.checkpoint import load_checkpoint, read_manifest
@@ -40,7 +41,7 @@ from lowbit.io.checkpoint_validation import MANIFEST_DIGEST_KEY
 from lowbit.io.digest import bytes_digest, is_digest, tensor_digest
 from lowbit.methods.llm_int8 import llm_int8
 from lowbit.nn import QuantLinear
-from lowbit.scheme import HQQ, LLMInt8, QuantScheme, Recipe, valid_group_sizes
+from lowbit.scheme import QuantScheme, valid_group_sizes
 
 W4 = QuantScheme(bits=4, group_size=32)
 W4A = QuantScheme(bits=4, group_size=32, symmetric=False)
@@ -144,6 +145,22 @@ def test_a_flipped_data_bit_is_an_integrity_error(files, tmp_path, tensor):
         load_checkpoint(bad)
     # the opt-out is explicit: the data is still valid, so an unverified load goes through
     assert torch.isfinite(logits(load_checkpoint(bad, verify=False))).all()
+
+
+def test_lowbit_load_passes_verify_through(files, tmp_path):
+    path, ref = files["w4"]
+    header, data = header_and_data(path)
+    start, end = header[f"{LAYER}.scale"]["data_offsets"]
+    buf = bytearray(data)
+    buf[(start + end) // 2] ^= 0x01
+    bad = write_raw(tmp_path / "flip.safetensors", header, bytes(buf))
+    with pytest.raises(IntegrityError, match=rf"'{LAYER}.scale' does not match the digest .* verify=False"):
+        lowbit.load(bad)
+    with pytest.raises(IntegrityError):
+        lowbit.load(bad, verify=True)
+    model = lowbit.load(bad, verify=False)
+    assert torch.isfinite(logits(model)).all()
+    assert torch.equal(logits(lowbit.load(path, verify=False)), ref)
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,8 @@ def test_shrink_records_a_note(tiny_dir, tmp_path, capsys):
 
 
 def test_recipe_json_round_trip(tiny_dir, tmp_path, capsys):
-    from lowbit.scheme import QuantScheme, Recipe, Rule
+    from lowbit import Recipe, Rule
+    from lowbit.scheme import QuantScheme
 
     recipe = Recipe(rules=(
         Rule(r"lm_head", None),

@@ -132,6 +132,82 @@ def test_odd_characters_in_notes_are_printed_escaped(tmp_path, capsys):
     assert "\x1b" not in out
 
 
+# -- digests: --no-verify ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory):
+    model = tiny_llama(tie=False)
+    lowbit.quantize(model, lowbit.QuantScheme(bits=4, group_size=32), progress=False)
+    path = tmp_path_factory.mktemp("llama-ckpt") / "llama.safetensors"
+    lowbit.save(model, path)
+    return path
+
+
+def _flip_data_bit(src, dst, tensor: str):
+    """A copy of ``src`` with the lowest bit of one byte of ``tensor`` flipped (valid, but not the
+    bytes its digest covers)."""
+    raw = bytearray(src.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    start, end = json.loads(raw[8:8 + n])[tensor]["data_offsets"]
+    raw[8 + n + (start + end) // 2] ^= 0x01
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def _as_version_1(src, dst):
+    """``src`` as lowbit wrote it before checkpoints carried digests (format_version 1)."""
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    del header["__metadata__"]["lowbit_manifest_digest"]
+    manifest = json.loads(header["__metadata__"]["lowbit_manifest"])
+    manifest["format_version"] = 1
+    for info in manifest["tensors"].values():
+        del info["digest"]
+    header["__metadata__"]["lowbit_manifest"] = json.dumps(manifest)
+    return _rewrite(src, dst, header_bytes=json.dumps(header).encode())
+
+
+def _refused_with_no_verify_hint(capsys, argv, path, match: str) -> None:
+    rc, out, err = _run(capsys, argv)
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith("error: ") and str(path) in line and match in line, line
+    assert f"lowbit {argv[0]} --no-verify" in line, line
+
+
+@pytest.mark.parametrize("kind", ["manifest-edited", "version-1"])
+def test_inspect_refuses_an_unverifiable_header_and_no_verify_reads_it(kind, good_ckpt, tmp_path, capsys):
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "manifest-edited":  # a valid manifest that no longer matches its digest
+        _rewrite(good_ckpt, path, lambda m: {**m, "notes": [*m["notes"], "edited"]})
+        match = "does not match the digest"
+    else:
+        _as_version_1(good_ckpt, path)
+        match = "format_version 1"
+    _refused_with_no_verify_hint(capsys, ["inspect", str(path)], path, match)
+    rc, out, err = _run(capsys, ["inspect", str(path), "--no-verify"])
+    assert rc == 0, err
+    assert "quantized layers (2):" in out and "average bits/weight" in out
+    rc, out, err = _run(capsys, ["inspect", str(path), "--json", "--no-verify"])
+    assert rc == 0 and json.loads(out)["layers"], err
+
+
+def test_a_flipped_data_bit_is_refused_and_no_verify_loads_it(llama_ckpt, llama_dir, tmp_path, capsys):
+    path = _flip_data_bit(llama_ckpt, tmp_path / "flipped.safetensors", "model.layers.0.mlp.up_proj.scale")
+    rc, _, err = _run(capsys, ["inspect", str(path)])  # the header alone is intact
+    assert rc == 0, err
+    gen = ["--prompt", "w1 w2", "--max-new-tokens", "2", "--tokenizer", str(llama_dir), "--no-progress"]
+    _refused_with_no_verify_hint(capsys, ["generate", str(path), *gen], path, "does not match the digest")
+    rc, out, err = _run(capsys, ["generate", str(path), *gen, "--no-verify"])
+    assert rc == 0 and err == "", err
+    out_dir = tmp_path / "hf"
+    export = ["export", str(path), "--to", "hf", "-o", str(out_dir), "--tokenizer", str(llama_dir), "--no-progress"]
+    _refused_with_no_verify_hint(capsys, export, path, "does not match the digest")
+    assert not out_dir.exists()
+    rc, _, err = _run(capsys, [*export, "--no-verify"])
+    assert rc == 0 and out_dir.is_dir(), err
+
+
 def test_missing_output_directory_fails_before_any_work(llama_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lowbit, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model first"))
     out = tmp_path / "no" / "such" / "dir" / "m.safetensors"

@@ -16,9 +16,10 @@ from tiny_models import random_ids, tiny_llama
 from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
+from lowbit import Recipe, Rule
 from lowbit.errors import FormatError, SchemeError
 from lowbit.io.awq import export_awq, import_awq
-from lowbit.scheme import QuantScheme, Recipe, Rule
+from lowbit.scheme import QuantScheme
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]

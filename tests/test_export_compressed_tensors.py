@@ -24,11 +24,11 @@ from tiny_models import random_ids, tiny_llama
 from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
-from lowbit import packing
+from lowbit import Recipe, Rule, packing
 from lowbit.errors import CheckpointError, FormatError, SchemeError
 from lowbit.io.compressed_tensors import export_compressed_tensors, import_compressed_tensors
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe, Rule
+from lowbit.scheme import QuantScheme
 
 SCHEMES = [
     QuantScheme(bits=4, group_size=32),

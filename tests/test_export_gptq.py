@@ -18,10 +18,11 @@ from tiny_models import random_ids, tiny_llama
 from export_helpers import assert_same_layers, logits, quantized
 
 import lowbit
+from lowbit import Recipe, Rule
 from lowbit.errors import FormatError, SchemeError
 from lowbit.io.gptq import export_gptq, import_gptq
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe, Rule
+from lowbit.scheme import QuantScheme
 
 
 # ----------------------------------------------------------------------------- oracle

@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit import formats
+from lowbit import LLMInt8, Recipe, formats
 from lowbit.calibration import CalibrationData
 from lowbit.errors import CalibrationError, PackingError, SchemeError
 from lowbit.float_formats import fake_quantize_activations_fp8, fp8_max
 from lowbit.kernels.registry import use_kernel
 from lowbit.methods.llm_int8 import llm_int8
 from lowbit.nn.quant_linear import QuantLinear
-from lowbit.scheme import LLMInt8, QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 sys.path.insert(0, str(Path(__file__).parent))

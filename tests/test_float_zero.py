@@ -33,12 +33,12 @@ from tiny_models import tiny_llama
 
 import lowbit
 import lowbit.io
-from lowbit import formats
+from lowbit import Recipe, formats
 from lowbit.errors import SchemeError, TensorMismatchError
 from lowbit.kernels.cpu_int4 import int4_linear, prepack_int4
 from lowbit.kernels.reference import dequantize_codes, reference_linear
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 U32 = 2.0**-24

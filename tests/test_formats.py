@@ -15,19 +15,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lowbit import formats
+from lowbit import Recipe, Rule, formats
 from lowbit.errors import FormatError, PackingError, SchemeError
 from lowbit.formats import choose_qparams, fake_quantize, quantize_weight, sqnr_db
 from lowbit.packing import packed_row_bytes
-from lowbit.scheme import (
-    DEFAULT_SKIP_PATTERN,
-    Granularity,
-    QuantScheme,
-    Recipe,
-    Rule,
-    shrink_group_size,
-    valid_group_sizes,
-)
+from lowbit.recipe import DEFAULT_SKIP_PATTERN
+from lowbit.scheme import Granularity, QuantScheme, shrink_group_size, valid_group_sizes
 from lowbit.tensor import QuantizedTensor
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

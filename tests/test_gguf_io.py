@@ -21,19 +21,19 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFWriter, quants
+from gguf import GGUFReader, GGUFValueType, quants
 
 import lowbit
-from lowbit import formats
+from lowbit import Recipe, formats
 from lowbit.errors import CheckpointError, TensorMismatchError, TruncatedCheckpointError
 from lowbit.io.gguf import blocks, export_gguf, import_gguf, mix
 from lowbit.io.gguf.names import gguf_to_hf, inverse_row_permutation, permute_heads
 from lowbit.model.swap import set_submodule
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
-from gguf_helpers import write_tokenizer_gguf
+from gguf_helpers import rewrite_gguf, write_tokenizer_gguf
 from tiny_models import LLAMA_LINEARS, random_ids, tiny_llama
 
 
@@ -259,21 +259,7 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path, good_file):
 
 
 def test_shape_metadata_mismatch(tmp_path, good_file):
-    r = GGUFReader(str(good_file))
-    w = GGUFWriter(str(tmp_path / "bad.gguf"), arch="llama")
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        value = f.contents()
-        if name == "llama.feed_forward_length":
-            value = 512
-        w.add_key_value(name, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_gguf(good_file, tmp_path / "bad.gguf", set_kv={"llama.feed_forward_length": (512, GGUFValueType.UINT32)})
     with pytest.raises(TensorMismatchError, match=r"'blk.0.ffn_gate.weight' has shape \(256, 128\) but the metadata implies \(512, 128\)"):
         import_gguf(tmp_path / "bad.gguf")
 

@@ -8,9 +8,11 @@ the default SmolLM2 model) still load.
 from __future__ import annotations
 
 import math
+import re
 import struct
 
 import numpy as np
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -199,18 +201,24 @@ def test_zero_and_huge_dims(tmp_path, q8):
         import_gguf(bad)
 
 
-def test_row_not_whole_blocks(tmp_path, q8):
-    t = tensor(q8, "output_norm.weight")  # F32 [128]: as Q4_K (256-weight blocks) 128 does not divide
-    bad = patch_bytes(q8, tmp_path / "blocks.gguf", t.type_offset, "I", int(T.Q4_K))
-    with pytest.raises(CheckpointError, match="'output_norm.weight' .* a row of 128 is not a whole number of 256-weight"):
-        import_gguf(bad)
-
-
-# ----------------------------------------------------------------------------- data layout
-def test_offset_misaligned(tmp_path, q8):
-    t = tensor(q8, "blk.1.ffn_down.weight")
-    bad = patch_bytes(q8, tmp_path / "mis.gguf", t.offset_offset, "Q", t.offset + 2)
-    with pytest.raises(CheckpointError, match="'blk.1.ffn_down.weight' .* not a multiple of the alignment 32"):
+# ----------------------------------------------------------------------------- data layout (and type ids that do not fit)
+@pytest.mark.parametrize("name,field,fmt,value,match", [
+    pytest.param("output_norm.weight", "type_offset", "I", lambda t: int(T.Q4_K),
+                 "'output_norm.weight' .* a row of 128 is not a whole number of 256-weight",
+                 id="row-not-whole-blocks"),  # F32 [128]: as Q4_K (256-weight blocks) 128 does not divide
+    pytest.param("blk.1.ffn_down.weight", "offset_offset", "Q", lambda t: t.offset + 2,
+                 "'blk.1.ffn_down.weight' .* not a multiple of the alignment 32", id="offset-misaligned"),
+    pytest.param("blk.0.attn_v.weight", "offset_offset", "Q", lambda t: t.offset + 64,
+                 "'blk.0.attn_v.weight' .* leaving 64 unexplained bytes after tensor 'blk.0.attn_k.weight'",
+                 id="offset-leaving-a-gap"),
+    # Q8_0 -> Q4_0 keeps the tensor inside the file; the next tensor's offset no longer follows
+    pytest.param("blk.0.attn_q.weight", "type_offset", "I", lambda t: int(T.Q4_0),
+                 "leaving .* unexplained bytes after tensor 'blk.0.attn_q.weight'", id="type-id-bytes-still-fit"),
+])
+def test_one_patched_tensor_info_field(tmp_path, q8, name, field, fmt, value, match):
+    t = tensor(q8, name)
+    bad = patch_bytes(q8, tmp_path / "bad.gguf", getattr(t, field), fmt, value(t))
+    with pytest.raises(CheckpointError, match=match):
         import_gguf(bad)
 
 
@@ -222,21 +230,6 @@ def test_offset_overlapping_another_tensor(tmp_path, q8):
         bad = patch_bytes(q8, tmp_path / f"o{j}.gguf", t.offset_offset, "Q", off)
         with pytest.raises(CheckpointError, match=r"'blk.0.attn_v.weight' .* inside the data of tensor '.*' \(tensor data must not overlap"):
             import_gguf(bad)
-
-
-def test_offset_leaving_a_gap(tmp_path, q8):
-    t = tensor(q8, "blk.0.attn_v.weight")
-    bad = patch_bytes(q8, tmp_path / "gap.gguf", t.offset_offset, "Q", t.offset + 64)
-    with pytest.raises(CheckpointError, match="'blk.0.attn_v.weight' .* leaving 64 unexplained bytes after tensor 'blk.0.attn_k.weight'"):
-        import_gguf(bad)
-
-
-def test_type_id_whose_bytes_still_fit_the_file(tmp_path, q8):
-    """Q8_0 -> Q4_0 keeps the tensor inside the file; the next tensor's offset no longer follows."""
-    t = tensor(q8, "blk.0.attn_q.weight")
-    bad = patch_bytes(q8, tmp_path / "t.gguf", t.type_offset, "I", int(T.Q4_0))
-    with pytest.raises(CheckpointError, match="leaving .* unexplained bytes after tensor 'blk.0.attn_q.weight'"):
-        import_gguf(bad)
 
 
 def test_trailing_data(tmp_path, q8):
@@ -413,7 +406,7 @@ def test_missing_required_key(tmp_path, q8):
     "set_kv,match",
     [
         ({"llama.logit_scale": (0.5, V.FLOAT32)}, "'llama.logit_scale' .* is not one lowbit interprets"),
-        ({"llama.rope.freq_bise": (1e4, V.FLOAT32)}, "'llama.rope.freq_bise'"),
+        ({"llama.rope.freq_scale": (0.5, V.FLOAT32)}, "'llama.rope.freq_scale'"),
         ({"llama.rope.scaling.type": ("linear", V.STRING)}, "scaled RoPE"),
         ({"llama.rope.scaling.factor": (4.0, V.FLOAT32)}, "scaled RoPE"),
         ({"llama.expert_count": (8, V.UINT32)}, "mixture-of-experts"),
@@ -422,6 +415,15 @@ def test_missing_required_key(tmp_path, q8):
 def test_llama_keys_lowbit_does_not_interpret(tmp_path, q8, set_kv, match):
     bad = _meta(tmp_path, q8, set_kv=set_kv)
     with pytest.raises(UnsupportedModelError, match=match):
+        import_gguf(bad)
+
+
+@pytest.mark.parametrize("key", ["lhama.rope.freq_base", "llama/rope.freq_base", "llama.rope.freq_bise"])
+def test_damaged_copy_of_a_known_key_is_refused(tmp_path, q8, key):
+    """A bit flip in a known key's name would make it read as absent (its default applying
+    silently); a key one or two characters away from a known one is refused instead."""
+    bad = _meta(tmp_path, q8, drop=("llama.rope.freq_base",), set_kv={key: (5e5, V.FLOAT32)})
+    with pytest.raises(CheckpointError, match=f"{re.escape(repr(key))} looks like a damaged 'llama.rope.freq_base'"):
         import_gguf(bad)
 
 

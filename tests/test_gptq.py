@@ -9,13 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from lowbit import formats
+from lowbit import GPTQ, RTN, formats
 from lowbit.calibration.stats import CrossAccumulator, HessianAccumulator
 from lowbit.errors import CalibrationError, SchemeError
 from lowbit.methods import round_weight
 from lowbit.methods.gptq import fp_target_weight, gptq, layer_error, prepare_hessian, processing_order, refine_scales
 from lowbit.methods.rtn import rtn
-from lowbit.scheme import GPTQ, RTN, Granularity, QuantScheme
+from lowbit.scheme import Granularity, QuantScheme
 
 OUT, IN = 32, 128
 
@@ -312,7 +312,7 @@ def test_token_cap_spec_is_validated_and_round_trips():
         GPTQ(token_cap=0.5)
     with pytest.raises(SchemeError, match="one of token_cap and fp_targets"):
         GPTQ(token_cap=10.0, fp_targets=True)
-    from lowbit.scheme import Recipe
+    from lowbit import Recipe
 
     r = Recipe.uniform(SCHEMES["w4g32-sym"], method=GPTQ(token_cap=10.0, clip_search=True))
     assert Recipe.from_json(r.to_json()).method == (GPTQ(token_cap=10.0, clip_search=True),)

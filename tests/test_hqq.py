@@ -40,11 +40,11 @@ import torch
 
 import lowbit
 import lowbit.methods.hqq as hqq_mod
-from lowbit import formats
+from lowbit import HQQ, Recipe, formats
 from lowbit.errors import FormatError, SchemeError
 from lowbit.methods import round_weight, rtn
 from lowbit.methods.hqq import hqq, shrink_lp
-from lowbit.scheme import HQQ, QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit import Recipe
 from lowbit.errors import FormatError, KernelError
 from lowbit.formats import fake_quantize_activations_int8, quantize_activations_int8
 from lowbit.kernels import cpu_w8a8
 from lowbit.kernels.registry import KERNELS, use_kernel
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 from tiny_models import random_ids, tiny_llama
 

@@ -8,12 +8,13 @@ import copy
 import pytest
 
 import lowbit
+from lowbit import AWQ, Recipe
 from lowbit.calibration import from_texts
 from lowbit.eval.compare import compare_many
 from lowbit.eval.data import find_data_dir
 from lowbit.eval.perplexity import make_windows
 from lowbit.kernels.registry import use_kernel
-from lowbit.scheme import AWQ, QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 
 pytestmark = pytest.mark.real_model
 N_BLOCKS = 4
@@ -81,8 +82,8 @@ TUNE_STEPS, TUNE_LR = 12, 2e-3
 def test_scale_tuning_after_gptq_lowers_kl_on_real_blocks(small, calib, wikitext_ids):
     """E2ETuning from GPTQ(clip)'s W3 result: the KL to the full-precision blocks drops on the
     held-out calibration windows, on other speeches and on WikiText; the codes stay GPTQ's."""
+    from lowbit import GPTQ, E2ETuning
     from lowbit.qat import tune_scales
-    from lowbit.scheme import GPTQ, E2ETuning
 
     model, tok = small
     scheme = QuantScheme(bits=3, group_size=64, symmetric=False)

@@ -12,10 +12,11 @@ import copy
 import pytest
 
 import lowbit
+from lowbit import Recipe
 from lowbit.eval.compare import compare_models
 from lowbit.eval.perplexity import make_windows
 from lowbit.kernels.registry import use_kernel
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.scheme import QuantScheme
 
 pytestmark = pytest.mark.real_model
 

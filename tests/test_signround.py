@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import formats
+from lowbit import GPTQ, Recipe, SignRound, formats
 from lowbit.calibration import CalibrationData
 from lowbit.errors import CalibrationError, SchemeError
 from lowbit.methods import round_weight
 from lowbit.methods import signround as sr
 from lowbit.model.walker import WalkOptions
-from lowbit.scheme import GPTQ, QuantScheme, Recipe, SignRound
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 from tiny_models import random_ids, save_load_generate, tiny_gpt2, tiny_llama
 
@@ -327,7 +327,7 @@ def test_train_mode_models_are_tuned_without_dropout_and_stay_in_train_mode():
 
 def test_partly_planned_symmetric_block_in_bfloat16():
     """Only some of a block's linears quantized (down_proj kept), a symmetric scheme, a bf16 model."""
-    from lowbit.scheme import Rule
+    from lowbit import Rule
 
     model = tiny_llama().to(torch.bfloat16)
     sym = QuantScheme(bits=4, group_size=32)

@@ -13,12 +13,13 @@ from torch import nn
 
 from tiny_models import GPT2_LINEARS, GPT2_NORMS, LLAMA_LINEARS, LLAMA_NORMS, tiny_gpt2
 from tiny_models import tiny_llama as _tiny_llama
+from lowbit import Recipe, Rule
 from lowbit.errors import SchemeError, UnsupportedModelError
 from lowbit.formats import fake_quantize, sqnr_db
 from lowbit.kernels.registry import use_kernel
 from lowbit.model.swap import quantize_model
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe, Rule
+from lowbit.scheme import QuantScheme
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

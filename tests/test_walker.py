@@ -9,11 +9,12 @@ import torch
 import transformers
 
 import lowbit
+from lowbit import AWQ, GPTQ, HQQ, Recipe, SignRound, SmoothQuant
 from lowbit.calibration import CalibrationData, from_texts, load_texts, sample_from_model
 from lowbit.errors import CalibrationError, DataError, UnsupportedModelError
 from lowbit.model.adapters import InputGroup, find_blocks, trace_block
 from lowbit.model.walker import WalkOptions, capture_block_inputs
-from lowbit.scheme import AWQ, GPTQ, HQQ, QuantScheme, Recipe, SignRound, SmoothQuant
+from lowbit.scheme import QuantScheme
 from tiny_models import random_ids, save_load_generate, tiny_gpt2, tiny_llama
 
 W4 = QuantScheme(bits=4, group_size=32)
@@ -379,7 +380,7 @@ def test_group_aware_gptq_walks_mixed_group_sizes_sharing_an_input():
     group size, so k_proj (g16) needs its own factoring next to q/v (g32). The walk must give
     each linear the order of its own scheme (a shared wrong one raises), beat RTN, and differ
     from static act-order."""
-    from lowbit.scheme import Rule
+    from lowbit import Rule
 
     w4g16 = QuantScheme(bits=4, group_size=16)
     rules = (Rule(r".*\.k_proj", w4g16), Rule(r".*", W4))

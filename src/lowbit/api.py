@@ -22,7 +22,8 @@ from lowbit.kernels.registry import use_kernel
 from lowbit.model.swap import QuantizationReport, quantize_model
 from lowbit.model.walker import WalkOptions, quantize_sequential
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.recipe import Recipe
+from lowbit.scheme import QuantScheme
 
 __all__ = [
     "quantize", "quantize_from_disk", "save", "load", "load_pretrained", "use_kernel", "QuantLinear", "read_manifest",
@@ -145,9 +146,16 @@ def save(model: nn.Module, path) -> None:
     save_checkpoint(model, path)
 
 
-def load(path, model: Optional[nn.Module] = None, *, kernel: str = "auto") -> nn.Module:
-    """Load a lowbit checkpoint in one call (Hugging Face models rebuild from the manifest)."""
-    return load_checkpoint(path, model, kernel=kernel)
+def load(path, model: Optional[nn.Module] = None, *, kernel: str = "auto", verify: bool = True) -> nn.Module:
+    """Load a lowbit checkpoint in one call (Hugging Face models rebuild from the manifest).
+
+    ``verify`` (default True): check the manifest and every tensor against the SHA-256 digests
+    recorded when the file was written; any difference is an ``IntegrityError``, and so is a file
+    written before lowbit stored digests (format_version 1). ``verify=False`` skips the digest
+    check, for files you trust or older files (``lowbit.save`` of the loaded model adds digests);
+    the checks of the file's structure and values always run.
+    """
+    return load_checkpoint(path, model, kernel=kernel, verify=verify)
 
 
 def load_pretrained(source: str = "default", **kw):

@@ -10,7 +10,8 @@ No numerics live here: every number comes from ``lowbit.api``,
 ``lowbit.eval`` or the checkpoint manifest. A failure is one line on stderr,
 never a traceback (``lowbit --debug ...`` adds it): ``error: <message>`` with
 exit status 2 for errors lowbit raises on purpose (``LowbitError``) and for
-checkpoint files it cannot parse; ``error: <path>: <reason>`` with status 1 for
+checkpoint files it cannot parse (a digest mismatch also names ``--no-verify``);
+``error: <path>: <reason>`` with status 1 for
 operating-system errors (a missing or read-only directory, a full disk);
 ``internal error: ...`` with status 1 for anything else; ``interrupted`` with
 status 130 for Ctrl-C. Text from files (notes, names) is printed with
@@ -39,7 +40,7 @@ from lowbit.cli.demo import DEMO_SCHEMES
 from lowbit.cli.export import EXPORT_FORMATS
 from lowbit.cli.recipe_args import RECIPE_FLAGS, recipe_from_args
 from lowbit.cli.sources import manifest_summary
-from lowbit.errors import LowbitError
+from lowbit.errors import IntegrityError, LowbitError
 
 __all__ = [
     "DEMO_SCHEMES",
@@ -99,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except LowbitError as e:
-        return _fail(args, f"error: {e}", 2)
+        return _fail(args, f"error: {e}{_cli_hint(args, e)}", 2)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)
     except BrokenPipeError:  # `lowbit inspect ... | head`: stop quietly
@@ -120,6 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(threads_before)
+
+
+def _cli_hint(args: argparse.Namespace, e: LowbitError) -> str:
+    """How to get past ``e`` on the command line, where the message names only the Python API."""
+    if isinstance(e, IntegrityError) and hasattr(args, "no_verify") and not args.no_verify:
+        return f"; on the command line, `lowbit {args.command} --no-verify ...` skips the digest check for a file you trust"
+    return ""
 
 
 def _fail(args: argparse.Namespace, line: str, code: int) -> int:

@@ -1,7 +1,9 @@
 """What every command shares: printing (escaped, one line for errors), plain-text tables, the busy
-bar, the common options every subcommand takes, and small presentation helpers.
+bar, the common options every subcommand takes, the options several commands share (MODEL and
+``--no-verify``, the evaluation windows, ``--kernel``), and small presentation helpers.
 
-Presentation only: no numerics, nothing read from files (``lowbit.cli.sources`` loads things).
+Presentation only: no numerics (``measure_speed`` calls ``lowbit.eval.speed``), nothing read from
+files (``lowbit.cli.sources`` loads things).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ DEBUG_HELP = "on failure, print the full traceback as well as the one-line error
 
 KERNEL_HELP = ("matmul kernel for quantized layers ('auto': the fastest that supports each layer; "
                "'reference': dequantize + F.linear; a named kernel that cannot run a layer is an error)")
+
+NO_VERIFY_HELP = ("skip the SHA-256 digest check, for files you trust, or files written before lowbit "
+                  "stored digests (the other checks of the file still run)")
+
+MODEL_HELP = "a lowbit checkpoint, or a source: 'default', a .gguf file, an HF directory"
 
 SPEED_PREFILL_LEN = 128
 SPEED_PROMPT_LEN = 64
@@ -69,6 +76,26 @@ def kernel_choices() -> list[str]:
 def add_kernel_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", choices=kernel_choices(), default="auto",
                    help=KERNEL_HELP)
+
+
+def add_no_verify_argument(p: argparse.ArgumentParser) -> None:
+    """``--no-verify`` (``args.no_verify``) for commands that read a lowbit checkpoint."""
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+
+
+def add_model_argument(p: argparse.ArgumentParser, help_: str = MODEL_HELP) -> None:
+    """The MODEL positional (``args.model``): a lowbit checkpoint or a full-precision source; with
+    ``--no-verify`` for the checkpoint (lowbit.cli.sources.model_manifest / load_model read both)."""
+    p.add_argument("model", metavar="MODEL", help=help_)
+    add_no_verify_argument(p)
+
+
+def add_eval_data_arguments(p: argparse.ArgumentParser, windows: int, window_len: int, data_default: str) -> None:
+    """--windows, --window-len and --data: the evaluation windows (lowbit.cli.sources.eval_windows)."""
+    p.add_argument("--windows", type=int, default=windows, metavar="N", help="evaluate the first N windows")
+    p.add_argument("--window-len", type=int, default=window_len, metavar="L", help="tokens per window")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help=f"a raw text file (joined like WikiText-2). Default: {data_default}")
 
 
 # ---------------------------------------------------------------------------
@@ -196,6 +223,21 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def measure_speed(model, progress: bool, decode_tokens: int = 32, prefill: bool = False) -> dict[str, dict]:
+    """Batch-1 speed by lowbit.eval.speed under a busy bar: ``{"prefill": ..., "decode": ...}``
+    (``to_dict()`` of each; prefill of SPEED_PREFILL_LEN tokens only with ``prefill``; decode:
+    ``decode_tokens`` greedy tokens after a SPEED_PROMPT_LEN-token prompt, median of 3)."""
+    from lowbit.eval.speed import measure_decode, measure_prefill
+
+    out = {}
+    with busy("measuring speed" if prefill else "measuring decode speed", progress):
+        if prefill:
+            out["prefill"] = measure_prefill(model, batch=1, seqlen=SPEED_PREFILL_LEN).to_dict()
+        out["decode"] = measure_decode(model, batch=1, prompt_len=SPEED_PROMPT_LEN, new_tokens=decode_tokens,
+                                       repeats=3).to_dict()
+    return out
 
 
 def kernel_context(name: Optional[str]):

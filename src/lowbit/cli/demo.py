@@ -12,19 +12,21 @@ from typing import Any
 from lowbit.cli.common import (
     SPEED_PROMPT_LEN,
     add_command,
+    add_eval_data_arguments,
     add_kernel_argument,
-    busy,
     check_writable,
     echo,
     fp_label,
     kernel_context,
     kernels_used,
+    measure_speed,
     scheme_label,
     table,
     torch_threads,
 )
 from lowbit.cli.sources import eval_windows, load_checkpoint, load_source, manifest_summary
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.recipe import Recipe
+from lowbit.scheme import QuantScheme
 
 # The demo's two quantized rows. Neither is W4 g32 asymmetric, whose numbers
 # would flatter lowbit on the default model (its linears came from a 4-bit,
@@ -45,10 +47,7 @@ def add_parser(subparsers) -> None:
     )
     d.add_argument("--source", default="default", metavar="SOURCE",
                    help="model source: 'default', a .gguf file or an HF directory")
-    d.add_argument("--windows", type=int, default=4, metavar="N", help="evaluate the first N windows")
-    d.add_argument("--window-len", type=int, default=512, metavar="L", help="tokens per window")
-    d.add_argument("--data", metavar="PATH", default=None,
-                   help="a raw text file (joined like WikiText-2). Default: WikiText-2 raw test from shared/data")
+    add_eval_data_arguments(d, windows=4, window_len=512, data_default="WikiText-2 raw test from shared/data")
     d.add_argument("--decode-tokens", type=int, default=32, metavar="N",
                    help="greedy tokens per decode-speed run (0: skip the speed column)")
     add_kernel_argument(d)
@@ -64,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.eval.compare import compare_models
     from lowbit.eval.memory import file_size_bytes, model_bytes
-    from lowbit.eval.speed import measure_decode
     from lowbit.io.checkpoint import read_manifest
 
     progress = not args.no_progress
@@ -77,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     def decode_speed(model):
         if args.decode_tokens <= 0:
             return None
-        with busy("measuring decode speed", progress):
-            return measure_decode(model, batch=1, prompt_len=SPEED_PROMPT_LEN, new_tokens=args.decode_tokens,
-                                  repeats=3).tokens_per_s
+        return measure_speed(model, progress, args.decode_tokens)["decode"]["tokens_per_s"]
 
     rows: list[dict[str, Any]] = []
     with kernel_context(args.kernel):

@@ -12,28 +12,28 @@ from lowbit.cli.common import (
     SPEED_PREFILL_LEN,
     SPEED_PROMPT_LEN,
     add_command,
+    add_eval_data_arguments,
     add_kernel_argument,
-    busy,
+    add_model_argument,
     check_writable,
     echo,
     fp_label,
     kernel_context,
     kernels_used,
     mb,
+    measure_speed,
     scheme_label,
     table,
     torch_threads,
 )
 from lowbit.cli.sources import (
     eval_windows,
-    is_checkpoint,
-    load_checkpoint,
+    load_model,
     load_source,
     load_tokenizer,
     manifest_summary,
-    read_checkpoint_manifest,
+    model_manifest,
     recorded_source,
-    require_causal_lm,
 )
 from lowbit.errors import UnsupportedModelError
 
@@ -47,17 +47,14 @@ def add_parser(subparsers) -> None:
         "KL(P_ref || P_model) in nats and top-1 agreement.",
         run,
     )
-    e.add_argument("model", metavar="MODEL", help="a lowbit checkpoint, or a source: 'default', a .gguf file, an HF directory")
+    add_model_argument(e)
     e.add_argument("--reference", metavar="SOURCE", default=None,
                    help="full-precision model to compare with ('none': no comparison). Default: for a checkpoint, "
                         "the source it was quantized from if recorded, else 'default'; for a source, none")
     e.add_argument("--tokenizer", metavar="SOURCE", default=None,
                    help="tokenizer source. Default: the reference's tokenizer, else the model's own, else 'default'")
-    e.add_argument("--windows", type=int, default=8, metavar="N", help="evaluate the first N windows")
-    e.add_argument("--window-len", type=int, default=2048, metavar="L", help="tokens per window")
-    e.add_argument("--data", metavar="PATH", default=None,
-                   help="a raw text file (joined like WikiText-2). Default: WikiText-2 raw test from shared/data, "
-                        "checksum-verified (see $LOWBIT_DATA_DIR)")
+    add_eval_data_arguments(e, windows=8, window_len=2048,
+                            data_default="WikiText-2 raw test from shared/data, checksum-verified (see $LOWBIT_DATA_DIR)")
     add_kernel_argument(e)
     e.add_argument("--speed", action="store_true",
                    help=f"also measure prefill ({SPEED_PREFILL_LEN} tokens) and decode tokens/s at batch 1")
@@ -99,27 +96,22 @@ def _check_same_vocab(reference, candidate, ref_name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.eval.compare import compare_models
     from lowbit.eval.perplexity import perplexity
-    from lowbit.eval.speed import measure_decode, measure_prefill
 
     progress = not args.no_progress
     from lowbit.kernels.registry import use_kernel  # noqa: F401  (fail early on a broken install)
 
     if args.json:
         check_writable(args.json)
-    manifest = None
-    if is_checkpoint(args.model):
-        manifest = read_checkpoint_manifest(args.model)
-        require_causal_lm(manifest, args.model, "eval")
+    manifest = model_manifest(args, "eval")
     ref_source, ref_note = _resolve_reference(args, manifest)
     reference = tokenizer = None
     if ref_source is not None:
         reference, tokenizer = load_source(ref_source, progress)
+    model, own_tok = load_model(args, manifest)
     if manifest is not None:
-        model = load_checkpoint(args.model, progress)
         summary = manifest_summary(manifest)
         scheme = scheme_label(summary["scheme_counts"]) + f" ({summary['avg_bits_per_weight']:.2f} bits/weight)"
     else:
-        model, own_tok = load_source(args.model, progress)
         tokenizer = own_tok
         scheme = fp_label(model)
     if args.tokenizer is not None:
@@ -146,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             result["perplexity"] = perplexity(model, windows, progress=progress).to_dict()
         if args.speed:
-            with busy("measuring speed", progress):
-                result["prefill"] = measure_prefill(model, batch=1, seqlen=SPEED_PREFILL_LEN).to_dict()
-                result["decode"] = measure_decode(model, batch=1, prompt_len=SPEED_PROMPT_LEN, new_tokens=32, repeats=3).to_dict()
+            result.update(measure_speed(model, progress, prefill=True))
 
     n_tok = result["n_windows"] * (args.window_len - 1)
     echo(f"model:  {label}")

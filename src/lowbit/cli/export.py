@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli.common import add_command, busy, check_writable, echo
-from lowbit.cli.sources import (
-    is_checkpoint,
-    load_checkpoint,
-    load_source,
-    load_tokenizer,
-    read_checkpoint_manifest,
-    recorded_source,
-)
+from lowbit.cli.common import add_command, add_model_argument, busy, check_writable, echo
+from lowbit.cli.sources import load_model, load_tokenizer, model_manifest, recorded_source
 from lowbit.errors import ModelSourceError
 
 EXPORT_FORMATS = ("gguf", "gptq", "awq", "compressed-tensors", "hf")
@@ -29,8 +22,7 @@ def add_parser(subparsers) -> None:
         "AutoModelForCausalLM.from_pretrained loads after `import lowbit`.",
         run,
     )
-    x.add_argument("model", metavar="MODEL",
-                   help="a lowbit checkpoint; for --to gguf also a full-precision source ('default', .gguf, HF directory)")
+    add_model_argument(x, "a lowbit checkpoint; for --to gguf also a full-precision source ('default', .gguf, HF directory)")
     x.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="target format")
     x.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="a .gguf file for gguf, a directory otherwise (written atomically)")
@@ -46,17 +38,13 @@ def run(args: argparse.Namespace) -> int:
     """A lowbit checkpoint (or a full-precision source, for GGUF) in another engine's format."""
     progress = not args.no_progress
     check_writable(args.output)
-    manifest = None
-    if is_checkpoint(args.model):
-        manifest = read_checkpoint_manifest(args.model)
-        model = load_checkpoint(args.model, progress)
-    elif args.to == "gguf":
-        model, _ = load_source(args.model, progress)
-    else:
+    manifest = model_manifest(args)
+    if manifest is None and args.to != "gguf":
         raise ModelSourceError(
             f"--to {args.to} writes quantized layers as they are; pass a lowbit checkpoint "
             "(lowbit quantize ... -o FILE) rather than a full-precision source"
         )
+    model, _ = load_model(args, manifest)
     tok_source = args.tokenizer or (args.model if manifest is None else recorded_source(manifest))
     tokenizer = load_tokenizer(tok_source) if tok_source else None
     out = Path(args.output).expanduser()

@@ -5,16 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lowbit.cli.common import add_command, add_kernel_argument, echo, kernel_context
-from lowbit.cli.sources import (
-    is_checkpoint,
-    load_checkpoint,
-    load_source,
-    load_tokenizer,
-    read_checkpoint_manifest,
-    recorded_source,
-    require_causal_lm,
-)
+from lowbit.cli.common import add_command, add_kernel_argument, add_model_argument, echo, kernel_context
+from lowbit.cli.sources import load_model, load_tokenizer, model_manifest, recorded_source
 from lowbit.errors import ModelSourceError
 
 
@@ -24,7 +16,7 @@ def add_parser(subparsers) -> None:
         "Generate a continuation of --prompt (greedy unless --temperature > 0) and print it.",
         run,
     )
-    g.add_argument("model", metavar="MODEL", help="a lowbit checkpoint, or a source: 'default', a .gguf file, an HF directory")
+    add_model_argument(g)
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the tokenizer's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most")
@@ -39,16 +31,12 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    progress = not args.no_progress
-    if is_checkpoint(args.model):
-        manifest = read_checkpoint_manifest(args.model)
-        require_causal_lm(manifest, args.model, "generate")
-        model = load_checkpoint(args.model, progress)
-        tokenizer = load_tokenizer(args.tokenizer or recorded_source(manifest) or "default")
-    else:
-        model, tokenizer = load_source(args.model, progress)
-        if args.tokenizer is not None:
-            tokenizer = load_tokenizer(args.tokenizer)
+    manifest = model_manifest(args, "generate")
+    model, tokenizer = load_model(args, manifest)
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif tokenizer is None:  # a checkpoint: the tokenizer of the source it was quantized from
+        tokenizer = load_tokenizer(recorded_source(manifest) or "default")
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelSourceError("--chat needs a tokenizer with a chat template; this one has none (drop --chat)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit.cli.common import add_command, echo, mb, rule_text, skipped_lines, table
+from lowbit.cli.common import add_command, add_no_verify_argument, echo, mb, rule_text, skipped_lines, table
 from lowbit.cli.sources import manifest_summary, read_checkpoint_manifest
 
 
@@ -21,10 +21,11 @@ def add_parser(subparsers) -> None:
     )
     i.add_argument("checkpoint", metavar="CHECKPOINT", help="a lowbit .safetensors checkpoint")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON instead")
+    add_no_verify_argument(i)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = read_checkpoint_manifest(args.checkpoint)
+    manifest = read_checkpoint_manifest(args.checkpoint, verify=not args.no_verify)
     if args.json:
         echo(json.dumps(manifest, indent=2))
         return 0

@@ -8,19 +8,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lowbit.errors import SchemeError
-from lowbit.scheme import (
-    DEFAULT_SKIP_PATTERN,
-    E2ETuning,
-    FORMATS,
-    INDIVISIBLE_POLICIES,
-    INT_BITS,
-    METHODS,
-    SCALE_DTYPES,
-    Granularity,
-    QuantScheme,
-    Recipe,
-    Rule,
-)
+from lowbit.qat.config import E2ETuning
+from lowbit.recipe import DEFAULT_SKIP_PATTERN, INDIVISIBLE_POLICIES, METHODS, Recipe, Rule
+from lowbit.scheme import FORMATS, INT_BITS, SCALE_DTYPES, Granularity, QuantScheme
 
 # Flags that describe the recipe; --recipe FILE replaces all of them.
 RECIPE_FLAGS = (

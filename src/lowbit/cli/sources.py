@@ -69,19 +69,40 @@ def reading_checkpoint(path: str):
         raise CheckpointError(f"{path} is not a readable lowbit checkpoint ({type(e).__name__}: {e})") from e
 
 
-def read_checkpoint_manifest(path: str) -> dict:
-    """The validated manifest of checkpoint ``path`` (header only, no tensor data)."""
+def read_checkpoint_manifest(path: str, verify: bool = True) -> dict:
+    """The validated manifest of checkpoint ``path`` (header only, no tensor data); ``verify``:
+    check it against its digest (``--no-verify`` turns that off)."""
     from lowbit.io.checkpoint import read_manifest
 
     with reading_checkpoint(path):
-        return read_manifest(path)
+        return read_manifest(path, verify=verify)
 
 
-def load_checkpoint(path: str, progress: bool):
+def load_checkpoint(path: str, progress: bool, verify: bool = True):
     import lowbit
 
     with busy(f"loading {Path(path).name}", progress), reading_checkpoint(path):
-        return lowbit.load(path)
+        return lowbit.load(path, verify=verify)
+
+
+def model_manifest(args, command: Optional[str] = None) -> Optional[dict]:
+    """The validated manifest when ``args.model`` is a lowbit checkpoint, None for a model source;
+    with ``command``, the checkpoint must hold a causal LM (checked before anything is loaded)."""
+    if not is_checkpoint(args.model):
+        return None
+    manifest = read_checkpoint_manifest(args.model, verify=not args.no_verify)
+    if command is not None:
+        require_causal_lm(manifest, args.model, command)
+    return manifest
+
+
+def load_model(args, manifest: Optional[dict]):
+    """(model, tokenizer) of ``args.model``: a checkpoint (``manifest`` from ``model_manifest``;
+    the tokenizer is None) or a full-precision source (its own tokenizer)."""
+    progress = not args.no_progress
+    if manifest is not None:
+        return load_checkpoint(args.model, progress, verify=not args.no_verify), None
+    return load_source(args.model, progress)
 
 
 def require_causal_lm(manifest: dict, path: str, command: str) -> None:

@@ -45,12 +45,12 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-import lowbit
 from lowbit.errors import CheckpointError, UnsupportedModelError
 from lowbit.io import hf_common as hc
 from lowbit.io.checkpoint import FORMAT_VERSION, READABLE_VERSIONS, read_manifest, save_checkpoint, verify_checkpoint
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
+from lowbit.version import __version__
 
 QUANT_METHOD = "lowbit"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -76,7 +76,7 @@ def save_pretrained(model: torch.nn.Module, directory, tokenizer=None) -> Path:
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
-            "lowbit_version": lowbit.__version__,
+            "lowbit_version": __version__,
             "dtype": _dtype_name(dtype),
             "layers": manifest["layers"],
         }
@@ -111,7 +111,7 @@ class LowbitConfig(QuantizationConfigMixin):
         if format_version not in READABLE_VERSIONS or isinstance(format_version, bool):
             raise CheckpointError(
                 f"lowbit quantization_config has format_version {format_version!r}; this lowbit "
-                f"({lowbit.__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade lowbit)"
+                f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade lowbit)"
             )
 
     def to_diff_dict(self) -> dict[str, Any]:

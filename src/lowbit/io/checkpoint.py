@@ -47,7 +47,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import lowbit
 from lowbit import packing
 from lowbit.errors import CheckpointError, ManifestError, TensorMismatchError, TruncatedCheckpointError
 from lowbit.io import digest
@@ -67,7 +66,9 @@ from lowbit.io.checkpoint_validation import (
 )
 from lowbit.model.swap import QuantizationReport, SkipRecord, linear_kind, set_submodule, weight_as_linear
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.recipe import Recipe
+from lowbit.scheme import QuantScheme
+from lowbit.version import __version__
 
 __all__ = [
     "FORMAT_VERSION", "READABLE_VERSIONS", "build_manifest", "load_checkpoint", "read_header", "read_manifest",
@@ -124,7 +125,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
                 layer.setdefault("source", src)
     return {
         "format_version": FORMAT_VERSION,
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "model": _model_description(model),
         "recipe": None if report is None else report.recipe.to_dict(),
         "layers": layers,

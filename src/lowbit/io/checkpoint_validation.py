@@ -23,7 +23,6 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-import lowbit
 from lowbit import packing
 from lowbit.errors import (
     IntegrityError,
@@ -35,8 +34,10 @@ from lowbit.errors import (
 from lowbit.io import bounded_json, digest
 from lowbit.io.config_validation import check_transformers_config
 from lowbit.model.swap import SkipRecord
-from lowbit.scheme import QuantScheme, Recipe
+from lowbit.recipe import Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import stored_tensor_specs
+from lowbit.version import __version__
 
 FORMAT_VERSION = 2  # 2: per-tensor and manifest digests; 1: the same fields without digests
 READABLE_VERSIONS = (1, 2)
@@ -82,7 +83,7 @@ def check_version(path, manifest: dict[str, Any]) -> int:
     version = manifest.get("format_version")
     if not is_count(version) or version not in READABLE_VERSIONS:
         raise ManifestError(
-            f"{path}: checkpoint format_version {version!r}; this lowbit ({lowbit.__version__}) reads versions "
+            f"{path}: checkpoint format_version {version!r}; this lowbit ({__version__}) reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade lowbit to read newer files)"
         )
     return version

@@ -36,6 +36,7 @@ from lowbit.errors import (
 )
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantScheme
+from lowbit.version import __version__
 
 PathLike = Union[str, os.PathLike]
 
@@ -350,10 +351,8 @@ def lowbit_record(parts: ModelParts) -> dict[str, Any]:
     """``{"lowbit_version", "layers": {name: QuantScheme.to_dict()}}``: lets lowbit's importers
     restore what the target format cannot state (scale dtype, symmetric, per-tensor scales);
     other loaders ignore the key."""
-    import lowbit
-
     return {
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "layers": {n: layer.scheme.to_dict() for n, layer in sorted(parts.quantized.items())},
     }
 

@@ -15,8 +15,12 @@ from typing import Optional
 import torch
 
 from lowbit.errors import CalibrationError
-from lowbit.methods.rtn import rtn
-from lowbit.scheme import GPTQ, HQQ, RTN, LLMInt8, QuantScheme, SignRound
+from lowbit.methods.gptq import GPTQ
+from lowbit.methods.hqq import HQQ
+from lowbit.methods.llm_int8 import LLMInt8
+from lowbit.methods.rtn import RTN, rtn
+from lowbit.methods.signround import SignRound
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 __all__ = ["round_weight", "rtn"]

@@ -39,11 +39,42 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lowbit import formats
-from lowbit.errors import CalibrationError
-from lowbit.scheme import AWQ, Granularity, QuantScheme
+from lowbit.errors import CalibrationError, SchemeError
+from lowbit.scheme import Granularity, QuantScheme
+from lowbit.validation import check_range
 
 SCALE_FLOOR = 1e-4  # smallest raw scale before normalisation (as in AutoAWQ)
 _CLIP_CHUNK_ELEMENTS = 1 << 24  # bound on the [G, T, rows] error tensor of one clip chunk (64 MiB fp32)
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ (Lin et al. 2023): per-input-channel scales from activation magnitude, folded into the
+    preceding operation, then an optional search for per-group clipping.
+
+    ``n_grid``: exponents tried in [0, 1); ``duo_scaling``: s = x^a / w^(1-a) (else x^a);
+    ``clip``: search a shrink of each group's range; ``clip_grid``/``max_shrink``: that search;
+    ``max_tokens``: calibration tokens used by the searches (sampled with the calibration seed).
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_tokens: int = 8192
+    name = "awq"
+    kind = "transform"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        check_range("AWQ", "n_grid", self.n_grid, 1, 1000, integer=True)
+        check_range("AWQ", "clip_grid", self.clip_grid, 1, 1000, integer=True)
+        check_range("AWQ", "max_shrink", self.max_shrink, 0.0, 0.99)
+        check_range("AWQ", "max_tokens", self.max_tokens, 16, 1 << 24, integer=True)
+        for f in ("duo_scaling", "clip"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"AWQ.{f} must be True or False")
 
 
 # ---------------------------------------------------------------------------

@@ -45,10 +45,83 @@ from typing import Optional
 import torch
 
 from lowbit import formats
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, SchemeError
 from lowbit.formats import QParams
-from lowbit.scheme import GPTQ, Granularity, QuantScheme
+from lowbit.scheme import Granularity, QuantScheme
 from lowbit.tensor import QuantizedTensor
+from lowbit.validation import check_range
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al. 2022): column-by-column rounding with second-order error feedback.
+
+    ``damp``: fraction of mean(diag H) added to the diagonal; ``block_size``: columns per lazy
+    batch update; ``act_order``: process columns by descending Hessian diagonal (group
+    parameters stay static, so the stored layout is unchanged); ``true_sequential``: within a
+    block, collect each stage's statistics after the earlier stages are quantized.
+    ``clip_search``: choose each group's range by the GPTQ reference's weight-error search
+    (``formats.search_qparams`` with ``clip_grid``, ``max_shrink``, ``clip_norm``) instead of
+    its min/max; off by default (then GPTQ with ``H = I`` is RTN bit for bit).
+    ``refine_scales``: after the codes are chosen, replace each row's scales by the
+    least-squares optimum of the layer's output error for those codes and zero points
+    (``lowbit.methods.gptq.refine_scales``); a row keeps its old scales where that is not lower.
+    ``fp_targets``: GPTAQ-style asymmetric calibration (Li et al. 2025): fit the layer to the
+    full-precision model's outputs ``X_fp W^T`` from the quantized model's inputs ``X_q``
+    (the walker keeps a second, full-precision stream of block inputs, so the calibration
+    activations held or spilled double); off = plain GPTQ, which fits ``X_q W^T``.
+    ``group_aware``: with ``act_order`` and group granularity, reorder by whole groups instead
+    of by single columns (group-aware reordering, GAR: Gafni et al. 2025): groups are processed
+    in descending order of their largest ``diag(H)``, the columns of each group in descending
+    order; since a group's columns are then contiguous in processing order, its parameters are
+    chosen when it is reached, from the error-updated weights (as without act-order), instead of
+    up front from the original weight. The stored layout is the plain contiguous grouping either
+    way. Needs ``act_order=True``; channel and tensor granularity are unaffected.
+    ``token_cap``: None, or a number >= 1: before a token enters ``H``, its input is scaled down
+    to at most ``token_cap`` times the median token norm of its calibration window
+    (``lowbit.calibration.stats.cap_token_norms``), so that a few massive-activation tokens
+    (an attention sink at each window's first position) do not outweigh all the others. Not
+    combinable with ``fp_targets``.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    true_sequential: bool = True
+    clip_search: bool = False
+    clip_grid: int = 100
+    max_shrink: float = 0.8
+    clip_norm: float = 2.4
+    refine_scales: bool = False
+    fp_targets: bool = False
+    group_aware: bool = False
+    token_cap: Optional[float] = None
+    name = "gptq"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        check_range("GPTQ", "damp", self.damp, 0.0, 1.0)
+        check_range("GPTQ", "block_size", self.block_size, 1, 1 << 16, integer=True)
+        check_range("GPTQ", "clip_grid", self.clip_grid, 1, 10_000, integer=True)
+        check_range("GPTQ", "max_shrink", self.max_shrink, 1e-6, 1.0)
+        check_range("GPTQ", "clip_norm", self.clip_norm, 1e-6, 100.0)
+        for f in ("act_order", "true_sequential", "clip_search", "refine_scales", "fp_targets", "group_aware"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"GPTQ.{f} must be True or False")
+        if self.token_cap is not None:
+            check_range("GPTQ", "token_cap", self.token_cap, 1.0, 1e9)
+            if self.fp_targets:
+                raise SchemeError(
+                    "GPTQ(token_cap=...) reweights the Hessian's tokens, which fp_targets' cross-covariance "
+                    "does not follow; use one of token_cap and fp_targets"
+                )
+        if self.group_aware and not self.act_order:
+            raise SchemeError(
+                "GPTQ(group_aware=True) reorders act-order by groups and needs act_order=True; "
+                "use GPTQ(act_order=True, group_aware=True), or drop group_aware"
+            )
+
 
 
 def _column_scheme(scheme: QuantScheme) -> QuantScheme:

@@ -45,11 +45,42 @@ at a time, vectorised over groups.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit import formats
-from lowbit.scheme import HQQ, QuantScheme
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
+from lowbit.validation import check_range
+
+
+@dataclass(frozen=True)
+class HQQ:
+    """HQQ (Badri & Shaji 2023): calibration-free refinement of zero points (and so the
+    dequantized weights) by a half-quadratic proximal solver on an l_p (p < 1) error.
+
+    Meant for ``QuantScheme(symmetric=False, zero_point="float")``; with integer zero points the
+    refined zeros are rounded at the end and a group keeps its RTN zero unless the rounded one
+    is better. A float zero point removes the exact 0 from the grid: on SmolLM2 at 3 bits that
+    alone (RTN with float zeros) costs more perplexity than HQQ's refinement wins back
+    (BENCHMARKS.md, "HQQ at W3").
+    """
+
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    name = "hqq"
+    kind = "rounding"
+    needs_calibration = False
+
+    def __post_init__(self) -> None:
+        check_range("HQQ", "iters", self.iters, 1, 10000, integer=True)
+        check_range("HQQ", "lp_norm", self.lp_norm, 0.01, 2.0)
+        check_range("HQQ", "beta", self.beta, 1e-6, 1e6)
+        check_range("HQQ", "kappa", self.kappa, 1.0, 10.0)
+
 
 # groups are refined this many weights at a time: bounds the temporaries (about six float32
 # copies of a block, ~200 MB) while keeping the number of torch ops (each a parallel region)

@@ -15,12 +15,33 @@ keeps the stored layout static and its size known when the file is written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.errors import CalibrationError, SchemeError
 from lowbit.methods.rtn import rtn
-from lowbit.scheme import LLMInt8, QuantScheme
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
+from lowbit.validation import check_range
+
+
+@dataclass(frozen=True)
+class LLMInt8:
+    """LLM.int8() mixed decomposition (Dettmers et al. 2022), with the outlier columns chosen
+    once from calibration data: input columns whose largest calibration activation magnitude
+    exceeds ``threshold`` keep their weights in float16 and meet their activations unrounded;
+    the other columns are rounded to the W8A8 scheme (int8 weights per output row, int8
+    activations per token). Needs a W8A8 scheme (``activations="int8"``)."""
+
+    threshold: float = 6.0
+    name = "llm_int8"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        check_range("LLMInt8", "threshold", self.threshold, 1e-6, 1e6)
+
 
 
 def outlier_columns(act_absmax: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -37,10 +37,63 @@ import torch
 
 from lowbit import formats
 from lowbit.errors import CalibrationError, SchemeError
-from lowbit.scheme import QuantScheme, SignRound
+from lowbit.methods.gptq import GPTQ
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
+from lowbit.validation import check_range, options_from_dict
 
 FACTOR_MIN = 0.5  # the lowest range factor (AutoRound's lr schedule reaches the same bound)
+
+
+@dataclass(frozen=True)
+class SignRound:
+    """SignRound (Cheng et al. 2023; Intel's AutoRound): per block, learn each weight's rounding
+    offset in [-0.5, 0.5] and a clipping factor in [0.5, 1] on each group's min and max by signed
+    gradient descent on the block's output error against the full-precision block's outputs
+    (``lowbit.methods.signround``).
+
+    ``iters``: optimisation steps per block, one calibration batch (``WalkOptions.batch_size``
+    windows) each; ``lr``: the step size, decaying linearly to 0 (None: ``1 / iters``, AutoRound's
+    default); ``tune_range``: also learn the range factors (else only the rounding); ``seed``: the
+    batch order; ``start``: None tunes from round-to-nearest, a ``GPTQ`` spec from that GPTQ's
+    result on the block (its codes, scales and zero points); ``fp_targets``: the targets are the
+    full-precision model's block outputs (a second, full-precision stream of block inputs, as in
+    AutoRound, so a block also makes up for the error of the blocks before it; the calibration
+    activations held or spilled double), else the full-precision block's outputs on the same
+    inputs the quantized block sees (GPTQ's local objective). Integer schemes with integer zero
+    points.
+    """
+
+    iters: int = 200
+    lr: Optional[float] = None
+    tune_range: bool = True
+    seed: int = 0
+    start: Optional[GPTQ] = None
+    fp_targets: bool = False
+    name = "signround"
+    kind = "rounding"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        check_range("SignRound", "iters", self.iters, 0, 100_000, integer=True)
+        if self.lr is not None:
+            check_range("SignRound", "lr", self.lr, 1e-8, 1.0)
+        check_range("SignRound", "seed", self.seed, 0, 2**63 - 1, integer=True)
+        for f in ("tune_range", "fp_targets"):
+            if not isinstance(getattr(self, f), bool):
+                raise SchemeError(f"SignRound.{f} must be True or False")
+        if isinstance(self.start, dict):  # from JSON: a GPTQ entry (Recipe.to_dict writes it without its name)
+            start = dict(self.start)
+            if start.pop("name", GPTQ.name) == GPTQ.name:
+                object.__setattr__(self, "start", options_from_dict(GPTQ, start, GPTQ.name))
+        if self.start is not None and not isinstance(self.start, GPTQ):
+            raise SchemeError(f"SignRound.start must be None (round to nearest) or a GPTQ spec, got {self.start!r}")
+        if self.start is not None and self.start.fp_targets:
+            raise SchemeError("SignRound.start: GPTQ(fp_targets=True) is not supported as a start; use fp_targets=False")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
 
 @dataclass

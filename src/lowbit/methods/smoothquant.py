@@ -16,16 +16,35 @@ folding helpers are AWQ's (re-exported here): pure tensor math, no modules.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.methods.awq import fold_into_linear_rows, fold_into_norm, scale_input_channels
+from lowbit.validation import check_range
 
-__all__ = ["smoothquant_scales", "fold_into_norm", "fold_into_linear_rows", "scale_input_channels", "SCALE_MIN"]
+__all__ = [
+    "SmoothQuant", "smoothquant_scales", "fold_into_norm", "fold_into_linear_rows", "scale_input_channels", "SCALE_MIN",
+]
 
 SCALE_MIN = 1e-5  # floor of the weight maxima and of the scales (as in the reference implementation)
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights with
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the preceding operation.
+    Meant for W8A8 schemes (``QuantScheme(bits=8, granularity="channel", activations="int8")``)."""
+
+    alpha: float = 0.5
+    name = "smoothquant"
+    kind = "transform"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        check_range("SmoothQuant", "alpha", self.alpha, 0.0, 1.0)
 
 
 def smoothquant_scales(act_abs_max: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -24,7 +24,8 @@ from lowbit.errors import CalibrationError, SchemeError, UnsupportedModelError
 from lowbit.formats import sqnr_db
 from lowbit.methods import round_weight
 from lowbit.nn import QuantLinear
-from lowbit.scheme import DEFAULT_SKIP_PATTERN, QuantScheme, Recipe
+from lowbit.recipe import DEFAULT_SKIP_PATTERN, Recipe
+from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
 try:  # transformers is a dependency, but the swap works without it

@@ -28,7 +28,7 @@ from lowbit import formats
 from lowbit.errors import CalibrationError, SchemeError
 from lowbit.kernels.registry import use_kernel
 from lowbit.nn import QuantLinear
-from lowbit.scheme import E2ETuning
+from lowbit.qat.config import E2ETuning
 
 __all__ = ["TunableScales", "TuningResult", "distillation_kl", "heldout_kl", "tune_scales"]
 

@@ -20,7 +20,9 @@ Keys (llama.cpp's names), their types and what is required::
     llama.expert_count / expert_used_count  int     absent or 0 (mixture-of-experts is not supported)
     tokenizer.ggml.bos/eos_token_id         int     optional; 0..vocab-1
 
-Any other ``llama.*`` key is refused (``UnsupportedModelError``): llama.cpp defines many
+A key one or two characters away from one of these (a bit flip in ``llama.``) is a
+``CheckpointError``: read as absent, its default would apply silently. Any other ``llama.*`` key is
+refused (``UnsupportedModelError``): llama.cpp defines many
 (``logit_scale``, ``attention.scale``, ``embedding_scale``...) that change the model, and a key
 lowbit does not interpret could make its outputs differ from llama.cpp's without a word. Only
 ``rope.scaling.original_context_length`` and ``rope.scaling.finetuned``, which change nothing
@@ -223,8 +225,28 @@ def check_rope_scaling(fields) -> None:
         )
 
 
+def damaged_key_of(key: str) -> Optional[str]:
+    """The ``llama.*`` key that ``key`` is one or two flipped characters away from, if any: a
+    damaged ``llama.rope.freq_base`` (``lhama.rope.freq_base``) would otherwise read as absent and
+    its default would apply without a word."""
+    for known in LLAMA_KEYS:
+        if len(known) == len(key) and key != known and sum(a != b for a, b in zip(key, known)) <= 2:
+            return known
+    return None
+
+
 def check_known_keys(fields) -> None:
-    """Every ``llama.*`` key is one lowbit interprets (see the module docstring)."""
+    """Every ``llama.*`` key is one lowbit interprets (see the module docstring), and no other
+    key is a damaged copy of one."""
+    for key in sorted(fields):
+        if key in LLAMA_KEYS:
+            continue
+        near = damaged_key_of(key)
+        if near is not None:
+            raise CheckpointError(
+                f"GGUF metadata key {key!r} looks like a damaged {near!r} (same length, at most two characters "
+                f"differ); read as absent it would silently change the model; {_FIX}"
+            )
     unknown = sorted(k for k in fields if k.startswith("llama.") and k not in LLAMA_KEYS)
     if unknown:
         raise UnsupportedModelError(

@@ -39,14 +39,13 @@ The parts, in the order a walk uses them (each imports only parts listed above i
 
 from lowbit.model.walker.activations import ActivationStore
 from lowbit.model.walker.capture import capture_block_inputs
-from lowbit.model.walker.driver import BlockWalker, quantize_sequential
+from lowbit.model.walker.driver import quantize_sequential
 from lowbit.model.walker.options import BlockSource, WalkOptions
 from lowbit.model.walker.weights import get_weight, set_weight
 
 __all__ = [
     "ActivationStore",
     "BlockSource",
-    "BlockWalker",
     "WalkOptions",
     "capture_block_inputs",
     "get_weight",

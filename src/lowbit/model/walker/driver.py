@@ -26,7 +26,7 @@ from lowbit.model.walker.plan import WalkPlan
 from lowbit.model.walker.propagate import Streams, block_outputs, full_precision_pair, needs_fp_stream
 from lowbit.model.walker.rounding import round_block
 from lowbit.model.walker.transforms import apply_transforms
-from lowbit.scheme import Recipe
+from lowbit.recipe import Recipe
 
 
 def quantize_sequential(
@@ -105,15 +105,3 @@ def _eval_mode(model: nn.Module):
         yield
     finally:
         model.train(was_training)
-
-
-class BlockWalker:
-    """``BlockWalker(model, recipe, calibration, ...).run()`` is ``quantize_sequential(...)``
-    (kept so that the earlier name still imports)."""
-
-    def __init__(self, model, recipe, calibration, *, adapter, options, source, progress) -> None:
-        self._args = (model, recipe, calibration)
-        self._kwargs = dict(adapter=adapter, options=options, source=source, progress=progress)
-
-    def run(self) -> QuantizationReport:
-        return quantize_sequential(*self._args, **self._kwargs)

@@ -20,7 +20,7 @@ from lowbit.model.walker.job import BlockJob
 from lowbit.model.walker.propagate import FullPrecisionPair
 from lowbit.model.walker.stats import paired_stage_stats, stage_hessians
 from lowbit.model.walker.weights import get_weight, set_weight
-from lowbit.scheme import GPTQ
+from lowbit.methods.gptq import GPTQ
 
 
 def gptq_block(job: BlockJob, groups: list[InputGroup], rounding: GPTQ, fp_pair: Optional[FullPrecisionPair] = None) -> dict[str, tuple]:

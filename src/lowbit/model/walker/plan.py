@@ -12,7 +12,8 @@ from lowbit.methods import round_weight
 from lowbit.model.adapters import BlockStructure
 from lowbit.model.swap import PlannedLayer, install_quantized, plan_layers, shared_parameter_owners, start_report
 from lowbit.model.walker.weights import get_weight
-from lowbit.scheme import RTN, Recipe
+from lowbit.methods.rtn import RTN
+from lowbit.recipe import Recipe
 
 
 class WalkPlan:

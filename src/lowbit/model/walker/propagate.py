@@ -16,7 +16,8 @@ from torch import nn
 
 from lowbit.model.walker.activations import ActivationStore, BlockInputs, copy_inputs, new_store
 from lowbit.model.walker.options import WalkOptions
-from lowbit.scheme import GPTQ, SignRound
+from lowbit.methods.gptq import GPTQ
+from lowbit.methods.signround import SignRound
 
 
 def block_outputs(block: nn.Module, inputs: BlockInputs, options: WalkOptions) -> ActivationStore:

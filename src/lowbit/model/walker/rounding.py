@@ -15,7 +15,9 @@ from lowbit.model.walker.propagate import FullPrecisionPair
 from lowbit.model.walker.signround import signround_block
 from lowbit.model.walker.stats import channel_stats
 from lowbit.model.walker.weights import get_weight
-from lowbit.scheme import GPTQ, LLMInt8, SignRound
+from lowbit.methods.gptq import GPTQ
+from lowbit.methods.llm_int8 import LLMInt8
+from lowbit.methods.signround import SignRound
 
 
 def round_block(

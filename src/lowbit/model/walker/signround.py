@@ -17,7 +17,7 @@ from lowbit.model.walker.gptq import gptq_block
 from lowbit.model.walker.job import BlockJob
 from lowbit.model.walker.propagate import block_outputs
 from lowbit.model.walker.weights import get_weight, set_weight, stored_form
-from lowbit.scheme import SignRound
+from lowbit.methods.signround import SignRound
 
 
 def signround_block(job: BlockJob, groups: list[InputGroup], spec: SignRound, fp_out: Optional[ActivationStore] = None) -> dict[str, tuple]:

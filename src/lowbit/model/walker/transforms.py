@@ -16,7 +16,8 @@ from lowbit.model.walker.activations import block_out
 from lowbit.model.walker.job import BlockJob
 from lowbit.model.walker.stats import channel_stats, group_inputs, inspected, record_calls, token_subset
 from lowbit.model.walker.weights import get_weight, set_weight
-from lowbit.scheme import AWQ, SmoothQuant
+from lowbit.methods.awq import AWQ
+from lowbit.methods.smoothquant import SmoothQuant
 
 
 def apply_transforms(job: BlockJob, specs: tuple) -> None:
