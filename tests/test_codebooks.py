@@ -7,7 +7,7 @@ import torch
 
 from lowbit import codebooks, formats
 from lowbit.errors import SchemeError
-from lowbit.float_formats import dequantize_double, double_quantize
+from lowbit.formats.codebook import dequantize_double, double_quantize
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 

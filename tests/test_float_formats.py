@@ -15,7 +15,8 @@ import lowbit
 from lowbit import LLMInt8, Recipe, formats
 from lowbit.calibration import CalibrationData
 from lowbit.errors import CalibrationError, PackingError, SchemeError
-from lowbit.float_formats import fake_quantize_activations_fp8, fp8_max
+from lowbit.formats.activations import fake_quantize_activations_fp8
+from lowbit.formats.fp8 import fp8_max
 from lowbit.kernels.registry import use_kernel
 from lowbit.methods.llm_int8 import llm_int8
 from lowbit.nn.quant_linear import QuantLinear

@@ -27,7 +27,6 @@ LAYERS = (
     "scheme",         # the numeric vocabulary: formats, Granularity, QuantScheme, group sizes
     "codebooks",      # the nf4 / fp4 / dynamic value tables
     "formats",        # the numerics of each format (quantize, dequantize, qparams)
-    "float_formats",  # compatibility names for formats' float-format helpers
     "packing",        # bit layouts
     "tensor",         # QuantizedTensor: codes, qparams and their stored form
     "kernels",        # matmul kernels and their registry

@@ -87,7 +87,7 @@ def test_layer_matches_reference_kernel_on_random_shapes(problem):
 
 
 def test_fp8_activations_are_rounded_as_the_reference_does():
-    from lowbit.float_formats import fake_quantize_activations_fp8
+    from lowbit.formats.activations import fake_quantize_activations_fp8
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 96, generator=g)

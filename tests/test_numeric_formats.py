@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit import float_formats, formats
+from lowbit import formats
 from lowbit.errors import FormatError
 from lowbit.formats import registry
 from lowbit.formats.base import NumericFormat, QParams
@@ -77,16 +77,6 @@ def test_value_table_is_only_for_formats_with_scale_free_code_values():
         formats.value_table(QuantScheme(bits=4))
     assert formats.value_table(QuantScheme(format="ternary")).tolist() == [-1.0, 0.0, 1.0, 0.0]
     assert formats.value_table(QuantScheme(format="nf4")).shape == (16,)
-
-
-def test_float_formats_names_are_the_new_ones():
-    from lowbit.formats import codebook, fp8
-
-    assert float_formats.DoubleQuantScales is codebook.DoubleQuantScales
-    assert float_formats.double_quantize is codebook.double_quantize
-    assert float_formats.fp8_max is fp8.fp8_max
-    with pytest.raises(FormatError, match="no numerics for format 'int'"):
-        float_formats.choose_scale(torch.ones(1, 1, 4), QuantScheme(bits=4, granularity="tensor"))
 
 
 class _Halves(NumericFormat):
